@@ -1,0 +1,123 @@
+"""One dispatch point for the hot operations.
+
+Each op has a PyTorch reference here (used on the CPU, and the ground truth of every kernel test);
+on CUDA tensors the Triton kernels of `ulskip.kernels` / the compiled ops of `ulskip._C` take over.
+Layouts (B batch, T new tokens, S cache length, H heads, D head dim):
+  q, k, v from the projections: [B, T, H, D];  one cache slot: [B, Hkv, S, D];  positions: [B, T].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- norms
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' LlamaRMSNorm: statistics in fp32, scale after casting back.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------- rotary
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, D] in x's dtype (Llama's half-split "rotate_half" form)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- cache
+def cache_write_ref(k_cache, v_cache, k, v, positions) -> None:
+    """k_cache[b, :, positions[b, t]] = k[b, t] (same for v). k_cache: [B, Hkv, S, D]; k: [B, T, Hkv, D]."""
+    B, T = positions.shape
+    b = torch.arange(B, device=positions.device).unsqueeze(1).expand(B, T)
+    k_cache[b, :, positions] = k.to(k_cache.dtype)
+    v_cache[b, :, positions] = v.to(v_cache.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes exactly as Bloom builds them (fp32)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != num_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** p for p in range(1, 2 * (num_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def attention_ref(q, k, v, q_pos, kv_len, scale, slopes=None) -> torch.Tensor:
+    """Causal attention of new queries over keys 0..S-1.
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (Hq a multiple of Hkv: GQA); q_pos: [B, T] absolute
+    positions; key j is visible to query t when j <= q_pos[b, t] and j < kv_len[b]. ALiBi adds
+    slope_h * j (shift-invariant per row, so equal to Bloom's slope * (j - i)). Returns [B, Hq, T, D].
+    """
+    B, Hq, T, D = q.shape
+    S, Hkv = k.shape[2], k.shape[1]
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    j = torch.arange(S, device=q.device)
+    visible = (j.view(1, 1, S) <= q_pos.unsqueeze(-1)) & (j.view(1, 1, S) < kv_len.view(B, 1, 1))
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, Hq, T, S]
+    if slopes is not None:
+        scores = scores + slopes.view(1, Hq, 1, 1).to(scores.device) * j.view(1, 1, 1, S).float()
+    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+
+def decode_attention_ref(q, k_cache, v_cache, seq_lens, scale, slopes=None) -> torch.Tensor:
+    """One query per sequence. q: [B, Hq, D]; caches [B, Hkv, S, D]; seq_lens [B] = visible keys."""
+    out = attention_ref(q.unsqueeze(2), k_cache, v_cache, (seq_lens - 1).unsqueeze(1), seq_lens, scale, slopes)
+    return out.squeeze(2)
+
+
+# ----------------------------------------------------------------------------- activations
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused [.., 2I] gate/up projection (gate first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
+    """Bloom's GeLU (tanh approximation), computed in fp32 as transformers' bloom_gelu_forward."""
+    xf = x.float()
+    return (xf * 0.5 * (1.0 + torch.tanh(0.79788456 * xf * (1 + 0.044715 * xf * xf)))).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- sampling
+def filter_logits_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) filtering as transformers' warpers do: filtered
+    entries become -inf. logits: [B, V] -> fp32 [B, V]."""
+    logits = logits.float() / temperature
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - top_p)
+        remove[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
+    return logits
+
+
+def sample_ref(logits, temperature, top_k, top_p, generator=None) -> torch.Tensor:
+    """Draw one token per row without a host sync: argmax(p / E), E ~ Exp(1), is a draw from p."""
+    probs = torch.softmax(filter_logits_ref(logits, temperature, top_k, top_p), dim=-1)
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / noise, dim=-1)

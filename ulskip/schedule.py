@@ -1,0 +1,67 @@
+"""Which layers run: the Unified Layer Skipping selection rule (Liu, Meng & Zhou, 2024).
+
+The kept set depends only on the number of layers L and the target speedup s, never on the input,
+so every token of a batch follows the same schedule (DESIGN.md §1).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+STRATEGIES = ("paper", "even")
+
+
+def _check(num_layers, target_speedup, strategy) -> int:
+    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) or num_layers < 2:
+        raise ValueError(f"num_layers must be an integer >= 2, got {num_layers!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if (isinstance(target_speedup, bool) or not isinstance(target_speedup, numbers.Real)
+            or not math.isfinite(target_speedup)):
+        raise ValueError(f"target_speedup must be a finite number in [1, {num_layers / 2:g}] for "
+                         f"{num_layers} layers, got {target_speedup!r}")
+    num_kept = math.floor(num_layers / target_speedup) if target_speedup > 0 else 0
+    if target_speedup < 1 or num_kept < 2:
+        raise ValueError(f"target_speedup must be in [1, {num_layers / 2:g}] for {num_layers} layers "
+                         f"(at least the first and last layer are kept), got {target_speedup!r}")
+    return num_kept
+
+
+def uls_schedule(num_layers: int, target_speedup: float, strategy: str = "paper") -> list[int]:
+    """Sorted indices of the layers kept for `target_speedup` (K = floor(L / s) layers, ends kept).
+
+    "paper": the rule of the paper's code: interval = floor(L / (K - 1)); walk i = 1 .. L-2 and keep
+    every i divisible by the interval until K layers are kept. "even": K layers evenly spread.
+    """
+    num_kept = _check(num_layers, target_speedup, strategy)
+    if strategy == "even":
+        step = (num_layers - 1) / (num_kept - 1)
+        return [round(i * step) for i in range(num_kept)]
+    kept = [0, num_layers - 1]
+    interval = num_layers // (num_kept - 1)
+    for i in range(1, num_layers - 1):
+        if len(kept) >= num_kept:
+            break
+        if i % interval == 0:
+            kept.append(i)
+    return sorted(kept)
+
+
+def validate_schedule(num_layers: int, kept_layers) -> list[int]:
+    """Check a user-given schedule: distinct, sorted-able layer indices in [0, L) including 0 and L-1."""
+    try:
+        kept = sorted(int(i) for i in kept_layers)
+    except (TypeError, ValueError):
+        raise ValueError(f"schedule must be a list of layer indices, got {kept_layers!r}") from None
+    if len(set(kept)) != len(kept) or not kept or kept[0] < 0 or kept[-1] >= num_layers:
+        raise ValueError(f"schedule must hold distinct layer indices in [0, {num_layers - 1}], "
+                         f"got {list(kept_layers)!r}")
+    if kept[0] != 0 or kept[-1] != num_layers - 1:
+        raise ValueError(f"schedule must keep the first (0) and last ({num_layers - 1}) layer, "
+                         f"got {list(kept_layers)!r}")
+    return kept
+
+
+def layer_speedup(num_layers: int, kept_layers) -> float:
+    """Speedup of the decoder layers alone: L / K (the head and embeddings are not counted)."""
+    return num_layers / len(kept_layers)
