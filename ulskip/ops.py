@@ -121,3 +121,134 @@ def sample_ref(logits, temperature, top_k, top_p, generator=None) -> torch.Tenso
     probs = torch.softmax(filter_logits_ref(logits, temperature, top_k, top_p), dim=-1)
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return torch.argmax(probs / noise, dim=-1)
+
+
+# ============================================================================= dispatch
+# The engine calls these; each picks the fastest implementation for the tensor's device.
+def rotary(x, cos, sin):
+    return rotary_ref(x, cos, sin)
+
+
+def cache_write(k_cache, v_cache, k, v, positions) -> None:
+    """Compiled op of ulskip._C (csrc/cache_write.*), CPU and CUDA."""
+    from ulskip import _ext
+    _ext.cache_write(k_cache, v_cache, k, v, positions)
+
+
+# ============================================================================= dispatch
+# One entry point per op: Triton kernels from `ulskip.kernels` for CUDA tensors (when triton imports),
+# the references above everywhere else. Triton is imported lazily, so CPU users without triton can
+# import this module. ULSKIP_NO_TRITON=1 forces the references (debugging).
+import functools as _functools
+import importlib as _importlib
+import os as _os
+
+
+@_functools.lru_cache(maxsize=None)
+def kernels_package():
+    """`ulskip.kernels` (the repo's kernels/ folder, mapped by setup.py's package_dir). When the package
+    is not installed (a plain source checkout on sys.path), load that folder under the same name."""
+    try:
+        return _importlib.import_module("ulskip.kernels")
+    except ModuleNotFoundError as e:
+        if e.name != "ulskip.kernels":
+            raise
+    import importlib.util
+    import sys
+    root = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    init = _os.path.join(root, "__init__.py")
+    if not _os.path.isfile(init):
+        raise ModuleNotFoundError("ulskip.kernels is not installed and no kernels/ folder is next to ulskip/",
+                                  name="ulskip.kernels")
+    spec = importlib.util.spec_from_file_location("ulskip.kernels", init, submodule_search_locations=[root])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["ulskip.kernels"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _kernel(name: str):
+    kernels_package()
+    return _importlib.import_module(f"ulskip.kernels.{name}")
+
+
+@_functools.lru_cache(maxsize=None)
+def _triton_ok() -> bool:
+    if _os.environ.get("ULSKIP_NO_TRITON", "0") not in ("", "0"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and _triton_ok()
+
+
+def rms_norm(x, weight, eps):
+    if _use_triton(x):
+        return _kernel("norm").rms_norm(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """-> (rms_norm(x + residual), x + residual)."""
+    if _use_triton(x):
+        return _kernel("norm").add_rms_norm(x, residual, weight, eps)
+    h = x + residual
+    return rms_norm_ref(h, weight, eps), h
+
+
+def layer_norm(x, weight, bias, eps):
+    if _use_triton(x):
+        return _kernel("norm").layer_norm(x, weight, bias, eps)
+    return layer_norm_ref(x, weight, bias, eps)
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    """-> (layer_norm(x + residual), x + residual)."""
+    if _use_triton(x):
+        return _kernel("norm").add_layer_norm(x, residual, weight, bias, eps)
+    h = x + residual
+    return layer_norm_ref(h, weight, bias, eps), h
+
+
+def rotary_cache_write(q, k, v, cos, sin, k_cache, v_cache, positions, rotary=True):
+    """Rotary on q and k (Llama half-split; skipped when rotary=False), k and v written into
+    k_cache/v_cache[b, :, positions[b, t]]. Returns the rotated q (q itself when rotary=False)."""
+    if _use_triton(k):
+        return _kernel("rotary").rotary_cache_write(q, k, v, cos, sin, k_cache, v_cache, positions, rotary)
+    if rotary:
+        q, k = rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
+    cache_write_ref(k_cache, v_cache, k, v, positions)
+    return q
+
+
+def decode_attention(q, k_cache, v_cache, seq_lens, scale, slopes=None):
+    """q [B, Hq, D] over caches [B, Hkv, S, D] with seq_lens [B] visible keys -> [B, Hq, D]."""
+    if _use_triton(q):
+        return _kernel("decode_attention").decode_attention(q, k_cache, v_cache, seq_lens, scale, slopes)
+    return decode_attention_ref(q, k_cache, v_cache, seq_lens, scale, slopes)
+
+
+def silu_mul(gate_up):
+    if _use_triton(gate_up):
+        return _kernel("activation").silu_mul(gate_up)
+    return silu_mul_ref(gate_up)
+
+
+def gelu_tanh(x):
+    if _use_triton(x):
+        return _kernel("activation").gelu_tanh(x)
+    return gelu_tanh_ref(x)
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Token ids [B] (int64) from logits [B, V]; temperature 0 or top_k 1 is greedy. No host sync."""
+    if _use_triton(logits):
+        return _kernel("sampling").sample(logits, temperature, top_k, top_p, generator)
+    if temperature == 0 or top_k == 1:
+        return torch.argmax(logits, dim=-1)
+    return sample_ref(logits, temperature, top_k, top_p, generator)

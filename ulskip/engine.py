@@ -1,0 +1,246 @@
+"""Batched generation with Unified Layer Skipping over a compact KV cache.
+
+Data flow: checkpoint folder -> config + schedule -> model (kept layers, fused weights) -> Engine
+(static compact cache) -> tokens. The prompt pass runs all layers (prefill="full") or the kept ones
+(prefill="skip"); every decode step runs the kept layers only, and every sequence of the batch shares
+that schedule, so a decode step is one fixed program.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ulskip import ops
+from ulskip.beam import beam_search
+from ulskip.cache import CompactKVCache
+from ulskip.config import from_hf, load_config
+from ulskip.loading import CheckpointTensors, build_model
+from ulskip.models.base import Step
+from ulskip.schedule import uls_schedule, validate_schedule
+
+PREFILL_MODES = ("full", "skip")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+EOS_CHECK_EVERY = 8  # steps between host syncs that look for "all sequences finished"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[list[int]]                      # new tokens per prompt, up to and including EOS
+    scores: list[torch.Tensor] | None = None        # per step: [rows, V] fp32 logits before sampling
+    texts: list[str] | None = field(default=None)   # decoded sequences, when a tokenizer is present
+
+
+def _parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _choose_schedule(num_layers, target_speedup, schedule, strategy, section):
+    if schedule is not None and target_speedup is not None:
+        raise ValueError("give either target_speedup or schedule, not both")
+    if schedule is not None:
+        return validate_schedule(num_layers, schedule)
+    if target_speedup is not None:
+        return uls_schedule(num_layers, target_speedup, strategy)
+    if section and section.get("kept_layers"):
+        return validate_schedule(num_layers, section["kept_layers"])
+    return list(range(num_layers))
+
+
+class Engine:
+    def __init__(self, model, kept_layers, prefill: str = "full", max_batch_size: int = 8,
+                 max_seq_len: int = 2048, tokenizer=None):
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        cfg = model.cfg
+        if max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.kept_layers = list(kept_layers)
+        self.prefill_layers = list(range(cfg.num_layers)) if prefill == "full" else self.kept_layers
+        self.prefill, self.num_layers = prefill, cfg.num_layers
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache = CompactKVCache(self.kept_layers, max_batch_size, cfg.num_kv_heads, max_seq_len,
+                                    cfg.head_dim, self.dtype, self.device)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path, target_speedup=None, schedule=None, prefill=None, dtype=None,
+                        device=None, max_batch_size: int = 8, max_seq_len: int | None = None,
+                        strategy: str = "paper"):
+        """Load a local Hugging Face checkpoint folder. Without target_speedup/schedule, the folder's
+        `ulskip` section (written by `ulskip train`) decides the schedule and prefill mode; without
+        that section all layers are kept."""
+        cfg = load_config(path)
+        section = cfg.ulskip or {}
+        kept = _choose_schedule(cfg.num_layers, target_speedup, schedule,
+                                section.get("strategy", strategy) if target_speedup is None else strategy, section)
+        prefill = prefill or section.get("prefill", "full")
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _parse_dtype(dtype) or (cfg.torch_dtype if device.type == "cuda" and cfg.torch_dtype
+                                        else torch.float32)
+        load = list(range(cfg.num_layers)) if prefill == "full" else kept  # skip: never read the rest
+        model = build_model(cfg, load, CheckpointTensors(path), dtype, device, where=repr(path))
+        tokenizer = None
+        if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if max_seq_len is None:
+            max_seq_len = min(cfg.max_position_embeddings, 2048)
+        return cls(model, kept, prefill, max_batch_size, max_seq_len, tokenizer)
+
+    @classmethod
+    def from_hf_model(cls, hf_model, target_speedup=None, schedule=None, prefill="full",
+                      max_batch_size: int = 8, max_seq_len: int | None = None, strategy: str = "paper",
+                      tokenizer=None):
+        """Build from a live transformers model (same device and dtype; fused weights are copies)."""
+        cfg = from_hf(hf_model.config)
+        kept = _choose_schedule(cfg.num_layers, target_speedup, schedule, strategy, cfg.ulskip)
+        state = hf_model.state_dict()
+        p = next(hf_model.parameters())
+        load = list(range(cfg.num_layers)) if prefill == "full" else kept
+
+        class _Dict:  # the loader's names()/get() view of a state dict
+            names = state.keys
+            get = state.__getitem__
+        model = build_model(cfg, load, _Dict(), p.dtype, p.device, where="the model's state dict")
+        if max_seq_len is None:
+            max_seq_len = min(cfg.max_position_embeddings, 2048)
+        return cls(model, kept, prefill, max_batch_size, max_seq_len, tokenizer)
+
+    @property
+    def kv_cache_nbytes(self) -> int:
+        return self.cache.nbytes
+
+    # ------------------------------------------------------------------ model steps
+    @torch.inference_mode()
+    def _prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] right-padded prompts -> fp32 logits [B, V] of each prompt's last token."""
+        B, T = tokens.shape
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        step = Step(positions=positions, cache=self.cache, decode=False)
+        return self.model(tokens, step, self.prefill_layers, last_index=lengths - 1)
+
+    @torch.inference_mode()
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [B] at positions [B] through the kept layers -> fp32 logits [B, V]."""
+        step = Step(positions=positions.unsqueeze(1), cache=self.cache, decode=True)
+        return self.model(tokens.unsqueeze(1), step, self.kept_layers)
+
+    # ------------------------------------------------------------------ generation
+    def _encode(self, prompts) -> list[list[int]]:
+        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of token-id lists or strings")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("string prompts need a tokenizer in the checkpoint folder (none found); "
+                                     "pass token-id lists instead")
+                p = self.tokenizer(p)["input_ids"]
+            if isinstance(p, torch.Tensor):
+                p = p.tolist()
+            if not isinstance(p, (list, tuple)) or len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.cfg.vocab_size for t in p):
+                raise ValueError(f"prompt {i} must hold token ids in [0, {self.cfg.vocab_size}), got {p!r}")
+            out.append(list(p))
+        return out
+
+    def generate(self, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, num_beams: int = 1, eos_token_id=None, seed=None,
+                 output_scores: bool = False, length_penalty: float = 1.0) -> GenerationOutput:
+        prompts = self._encode(prompts)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
+        if do_sample:
+            if not temperature > 0:
+                raise ValueError(f"temperature must be > 0, got {temperature!r}")
+            if not isinstance(top_k, int) or top_k < 0:
+                raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+            if not 0 < top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+            if num_beams > 1:
+                raise ValueError("beam search with sampling is not supported; use num_beams=1 with do_sample=True "
+                                 "or do_sample=False with num_beams > 1")
+        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        rows = len(prompts) * num_beams
+        if rows > self.max_batch_size:
+            raise ValueError(f"{len(prompts)} prompts x {num_beams} beams = {rows} rows exceed max_batch_size="
+                             f"{self.max_batch_size}; build the Engine with a larger max_batch_size")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = "
+                             f"{longest + max_new_tokens} exceeds max_seq_len={self.max_seq_len}")
+
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p)
+        logits = self._prefill(tokens, lengths)
+        if num_beams > 1:
+            seqs, scores = beam_search(self, logits, lengths, num_beams, max_new_tokens, eos,
+                                       length_penalty, output_scores)
+        else:
+            seqs, scores = self._sample_loop(logits, lengths, max_new_tokens, eos, do_sample, temperature,
+                                             top_k, top_p, seed, output_scores)
+        texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs] if self.tokenizer else None
+        return GenerationOutput(sequences=seqs, scores=scores, texts=texts)
+
+    def _sample_loop(self, logits, lengths, max_new_tokens, eos, do_sample, temperature, top_k, top_p, seed,
+                     output_scores):
+        B = logits.shape[0]
+        gen = None
+        if do_sample and seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        eos_t = torch.tensor(eos, device=self.device, dtype=torch.long)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
+        scores = [] if output_scores else None
+        positions = lengths.clone()
+        steps = 0
+        for t in range(max_new_tokens):
+            if output_scores:
+                scores.append(logits)
+            if do_sample:
+                nxt = ops.sample(logits, temperature, top_k, top_p, gen)
+            else:
+                nxt = torch.argmax(logits, dim=-1)
+            if len(eos):
+                nxt = torch.where(finished, eos_t[0], nxt)
+                finished |= torch.isin(nxt, eos_t)
+            out[:, t] = nxt
+            steps = t + 1
+            if t == max_new_tokens - 1:
+                break
+            if len(eos) and (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+                break
+            logits = self._decode(nxt, positions)
+            positions += 1
+        return _cut_at_eos(out[:, :steps].tolist(), eos), scores
+
+
+def _cut_at_eos(rows, eos):
+    """Keep each sequence up to and including its first EOS."""
+    out = []
+    for r in rows:
+        cut = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
+        out.append(r[:cut])
+    return out

@@ -1,0 +1,88 @@
+"""What every model family shares: the step context, attention dispatch, and the layer loop.
+
+A model holds only the layers it was loaded with (all L for prefill="full", the kept ones for
+prefill="skip"); the caller names which layers a forward runs, so one object serves the full prompt
+pass and the skip-path decode steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ulskip import ops
+from ulskip.cache import CompactKVCache
+
+
+@dataclass
+class Step:
+    positions: torch.Tensor                 # [B, T] absolute positions of the new tokens
+    cache: CompactKVCache | None            # kept layers write (and in decode, read) here
+    decode: bool                            # one new token per sequence, attending over the cache
+    cos: torch.Tensor | None = None         # [B, T, D] rotary tables (Llama family)
+    sin: torch.Tensor | None = None
+    slopes: torch.Tensor | None = None      # [Hq] ALiBi slopes (Bloom)
+
+    @property
+    def seq_lens(self) -> torch.Tensor:     # decode: keys visible to each sequence's new token
+        return self.positions[:, 0] + 1
+
+
+def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None) -> torch.Tensor:
+    """q: [B, T, Hq, D] (rotated), k, v: [B, T, Hkv, D]. Writes k/v of a cached layer into the
+    compact cache; decode reads the cache, the prompt pass attends over its own keys. -> [B, T, Hq*D]"""
+    B, T, Hq, D = q.shape
+    kv = step.cache.layer(layer, B) if step.cache is not None else None
+    if kv is not None:
+        ops.cache_write(kv[0], kv[1], k, v, step.positions)
+    if step.decode:
+        out = ops.decode_attention(q[:, 0], kv[0], kv[1], step.seq_lens, scale, slopes)
+        return out.reshape(B, 1, Hq * D)
+    return prefill_attention(q, k, v, scale, slopes).reshape(B, T, Hq * D)
+
+
+def prefill_attention(q, k, v, scale, slopes=None):
+    """Causal self-attention of a prompt that starts at position 0 (right padding is harmless: pads
+    come after every real token). Through torch's SDPA, which picks flash/memory-efficient kernels."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if slopes is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:  # ALiBi: bias slope_h * j, plus the causal mask
+        T = q.shape[2]
+        j = torch.arange(T, device=q.device)
+        bias = slopes.to(q.device).view(-1, 1, 1) * j.view(1, 1, T).float()
+        bias = bias.masked_fill(j.view(1, 1, T) > j.view(1, T, 1), float("-inf")).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
+    return out.transpose(1, 2)
+
+
+class DecoderLM(nn.Module):
+    """Layer loop and head; families provide embed(), layer modules, and final_norm()."""
+
+    def __init__(self, cfg, layer_ids):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_ids = sorted(layer_ids)
+        self.layers = nn.ModuleDict({str(i): self.make_layer(cfg) for i in self.layer_ids})
+
+    def forward(self, tokens, step: Step, run_layers, last_index=None) -> torch.Tensor:
+        """tokens: [B, T]. Runs `run_layers` in order; returns fp32 logits [B, V] of the token at
+        last_index[b] (decode: the only token)."""
+        missing = [i for i in run_layers if str(i) not in self.layers]
+        if missing:
+            raise ValueError(f"layers {missing} were not loaded (loaded: {self.layer_ids})")
+        x = self.embed(tokens, step)
+        residual = None
+        for i in run_layers:
+            x, residual = self.layers[str(i)](x, residual, step, i)
+        if last_index is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            x = x[rows, last_index].unsqueeze(1)
+            residual = None if residual is None else residual[rows, last_index].unsqueeze(1)
+        h = self.final_norm(x, residual)
+        return self.lm_head(h[:, -1]).float()
