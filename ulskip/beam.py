@@ -38,7 +38,7 @@ def beam_search(engine, logits, lengths, nb, max_new, eos, length_penalty, outpu
 
     for t in range(max_new):
         if output_scores:
-            scores.append(logits)
+            scores.append(logits.clone())
         logp = torch.log_softmax(logits.float(), dim=-1).view(N, nb, V) + running_scores.unsqueeze(-1)
         top_lp, top_idx = torch.topk(logp.view(N, nb * V), k)
         src, tok = top_idx // V, top_idx % V

@@ -16,6 +16,7 @@ from ulskip import ops
 from ulskip.beam import beam_search
 from ulskip.cache import CompactKVCache
 from ulskip.config import from_hf, load_config
+from ulskip.graphs import DecodeGraphs
 from ulskip.loading import CheckpointTensors, build_model
 from ulskip.models.base import Step
 from ulskip.schedule import uls_schedule, validate_schedule
@@ -56,7 +57,7 @@ def _choose_schedule(num_layers, target_speedup, schedule, strategy, section):
 
 class Engine:
     def __init__(self, model, kept_layers, prefill: str = "full", max_batch_size: int = 8,
-                 max_seq_len: int = 2048, tokenizer=None):
+                 max_seq_len: int = 2048, tokenizer=None, cuda_graphs: bool = True):
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
@@ -75,12 +76,15 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.cache = CompactKVCache(self.kept_layers, max_batch_size, cfg.num_kv_heads, max_seq_len,
                                     cfg.head_dim, self.dtype, self.device)
+        # decode steps replay a CUDA graph per batch bucket (GPU only; captured on first use)
+        self.graphs = DecodeGraphs(self._decode_eager, max_batch_size, self.device) \
+            if cuda_graphs and self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path, target_speedup=None, schedule=None, prefill=None, dtype=None,
                         device=None, max_batch_size: int = 8, max_seq_len: int | None = None,
-                        strategy: str = "paper"):
+                        strategy: str = "paper", cuda_graphs: bool = True):
         """Load a local Hugging Face checkpoint folder. Without target_speedup/schedule, the folder's
         `ulskip` section (written by `ulskip train`) decides the schedule and prefill mode; without
         that section all layers are kept."""
@@ -102,12 +106,12 @@ class Engine:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if max_seq_len is None:
             max_seq_len = min(cfg.max_position_embeddings, 2048)
-        return cls(model, kept, prefill, max_batch_size, max_seq_len, tokenizer)
+        return cls(model, kept, prefill, max_batch_size, max_seq_len, tokenizer, cuda_graphs)
 
     @classmethod
     def from_hf_model(cls, hf_model, target_speedup=None, schedule=None, prefill="full",
                       max_batch_size: int = 8, max_seq_len: int | None = None, strategy: str = "paper",
-                      tokenizer=None):
+                      tokenizer=None, cuda_graphs: bool = True):
         """Build from a live transformers model (same device and dtype; fused weights are copies)."""
         cfg = from_hf(hf_model.config)
         kept = _choose_schedule(cfg.num_layers, target_speedup, schedule, strategy, cfg.ulskip)
@@ -121,7 +125,7 @@ class Engine:
         model = build_model(cfg, load, _Dict(), p.dtype, p.device, where="the model's state dict")
         if max_seq_len is None:
             max_seq_len = min(cfg.max_position_embeddings, 2048)
-        return cls(model, kept, prefill, max_batch_size, max_seq_len, tokenizer)
+        return cls(model, kept, prefill, max_batch_size, max_seq_len, tokenizer, cuda_graphs)
 
     @property
     def kv_cache_nbytes(self) -> int:
@@ -138,7 +142,13 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens [B] at positions [B] through the kept layers -> fp32 logits [B, V]."""
+        """tokens [B] at positions [B] through the kept layers -> fp32 logits [B, V]. The result may
+        be a graph's static buffer: valid until the next decode step."""
+        if self.graphs is not None:
+            return self.graphs(tokens, positions)
+        return self._decode_eager(tokens, positions)
+
+    def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         step = Step(positions=positions.unsqueeze(1), cache=self.cache, decode=True)
         return self.model(tokens.unsqueeze(1), step, self.kept_layers)
 
@@ -218,7 +228,7 @@ class Engine:
         steps = 0
         for t in range(max_new_tokens):
             if output_scores:
-                scores.append(logits)
+                scores.append(logits.clone())
             if do_sample:
                 nxt = ops.sample(logits, temperature, top_k, top_p, gen)
             else:

@@ -135,7 +135,7 @@ def cache_write(k_cache, v_cache, k, v, positions) -> None:
     _ext.cache_write(k_cache, v_cache, k, v, positions)
 
 
-# ============================================================================= dispatch
+# ============================================================================= dispatch: Triton
 # One entry point per op: Triton kernels from `ulskip.kernels` for CUDA tensors (when triton imports),
 # the references above everywhere else. Triton is imported lazily, so CPU users without triton can
 # import this module. ULSKIP_NO_TRITON=1 forces the references (debugging).
@@ -222,7 +222,7 @@ def rotary_cache_write(q, k, v, cos, sin, k_cache, v_cache, positions, rotary=Tr
         return _kernel("rotary").rotary_cache_write(q, k, v, cos, sin, k_cache, v_cache, positions, rotary)
     if rotary:
         q, k = rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
-    cache_write_ref(k_cache, v_cache, k, v, positions)
+    cache_write(k_cache, v_cache, k, v, positions)  # the compiled CPU op of ulskip._C
     return q
 
 

@@ -30,16 +30,19 @@ class Step:
         return self.positions[:, 0] + 1
 
 
-def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None) -> torch.Tensor:
-    """q: [B, T, Hq, D] (rotated), k, v: [B, T, Hkv, D]. Writes k/v of a cached layer into the
-    compact cache; decode reads the cache, the prompt pass attends over its own keys. -> [B, T, Hq*D]"""
+def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: bool = True) -> torch.Tensor:
+    """q: [B, T, Hq, D], k, v: [B, T, Hkv, D], before rotary (rope=False: none, Bloom). A cached layer
+    writes its k/v into the compact cache; decode attends over the cache, the prompt pass over its own
+    keys. -> [B, T, Hq*D]"""
     B, T, Hq, D = q.shape
     kv = step.cache.layer(layer, B) if step.cache is not None else None
+    if step.decode:  # one fused kernel rotates q and k and writes k, v into the cache
+        q = ops.rotary_cache_write(q, k, v, step.cos, step.sin, kv[0], kv[1], step.positions, rotary=rope)
+        return ops.decode_attention(q[:, 0], kv[0], kv[1], step.seq_lens, scale, slopes).reshape(B, 1, Hq * D)
+    if rope:
+        q, k = ops.rotary(q, step.cos, step.sin), ops.rotary(k, step.cos, step.sin)
     if kv is not None:
         ops.cache_write(kv[0], kv[1], k, v, step.positions)
-    if step.decode:
-        out = ops.decode_attention(q[:, 0], kv[0], kv[1], step.seq_lens, scale, slopes)
-        return out.reshape(B, 1, Hq * D)
     return prefill_attention(q, k, v, scale, slopes).reshape(B, T, Hq * D)
 
 

@@ -30,9 +30,12 @@ class BloomLayer(nn.Module):
         h = ops.layer_norm(x, self.input_norm.weight, self.input_norm.bias, self.eps)
         B, T, _ = h.shape
         q, k, v = (t.view(B, T, self.h, self.d) for t in self.qkv(h).chunk(3, dim=-1))
-        a = self.o(attention(q, k, v, step, layer, self.d ** -0.5, step.slopes))
-        x = (h if self.post_norm_residual else x) + a
-        h = ops.layer_norm(x, self.post_norm.weight, self.post_norm.bias, self.eps)
+        a = self.o(attention(q, k, v, step, layer, self.d ** -0.5, step.slopes, rope=False))
+        if self.post_norm_residual:
+            x = h + a
+            h = ops.layer_norm(x, self.post_norm.weight, self.post_norm.bias, self.eps)
+        else:  # fused: x <- x + a, h <- ln(x)
+            h, x = ops.add_layer_norm(a, x, self.post_norm.weight, self.post_norm.bias, self.eps)
         x = (h if self.post_norm_residual else x) + self.down(ops.gelu_tanh(self.up(h)))
         return x, None
 

@@ -33,9 +33,8 @@ class LlamaLayer(nn.Module):
             h, residual = ops.add_rms_norm(x, residual, self.input_norm, self.eps)
         B, T, _ = h.shape
         q, k, v = self.qkv(h).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q = ops.rotary(q.view(B, T, self.hq, self.d), step.cos, step.sin)
-        k = ops.rotary(k.view(B, T, self.hkv, self.d), step.cos, step.sin)
-        a = attention(q, k, v.view(B, T, self.hkv, self.d), step, layer, self.d ** -0.5)
+        a = attention(q.view(B, T, self.hq, self.d), k.view(B, T, self.hkv, self.d),
+                      v.view(B, T, self.hkv, self.d), step, layer, self.d ** -0.5)
         h, residual = ops.add_rms_norm(self.o(a), residual, self.post_norm, self.eps)
         return self.down(ops.silu_mul(self.gate_up(h))), residual
 

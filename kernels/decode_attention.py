@@ -1,0 +1,246 @@
+"""Decode attention over the compact KV cache: one query per sequence, split-KV ("flash-decoding").
+
+Roofline. One decode step reads every visible key and value once: bytes = B * Hkv * L * D * 2 * elt
+(L = visible keys) plus q/out (negligible). Work per key per KV head is 4 * G * D flops (G = Hq/Hkv query
+heads: q.k and p.v), i.e. about G flops per byte in 16-bit -- far below the H200's ~200 flop/byte
+balance point (990 TFLOP/s dense fp16/bf16 over ~4.8 TB/s), so the kernel is purely memory-bound and the
+goal is to stream K/V at HBM bandwidth (~4.15 TB/s measured copy). Llama-7B, B=64, L=4096, fp16:
+64*32*4096*128*2*2 B = 4.3 GB -> ~1.0 ms at 4.15 TB/s; B=1, L=4096: 67 MB -> ~16 us, where launch latency
+and filling 132 SMs dominate. Hence:
+  * GQA: one program per (sequence, KV head, split) handles all G query heads of that KV head, so each
+    K/V tile is read from HBM once, not G times. The G query rows (padded to >=16 for tl.dot) share it.
+  * Split-KV: with B*Hkv programs alone a small batch leaves most SMs idle, so the keys are cut into
+    `num_splits` chunks chosen from B, Hkv and the cache capacity S (never from the actual lengths, which
+    live on the device: the launch is static and CUDA-graph safe). A program whose chunk starts at or
+    beyond its sequence's length runs no loop iteration and writes an empty partial (max -inf, sum 0);
+    a small reduce kernel merges the partials (log-sum-exp). With one split the main kernel writes the
+    normalized output itself and no reduce runs.
+  * K/V tiles of BLOCK_N keys x BLOCK_D (head dim padded to a power of two, masked: 80 -> 128) are
+    loaded with masks on the visible length, so nothing beyond seq_len is read (garbage/NaN there is
+    harmless) and the loop is software-pipelined by Triton (num_stages).
+  * Accuracy: scores in fp32 (fp16/bf16 products are exact in fp32), softmax in fp32, p.v with p split
+    into hi + lo 16-bit parts (two tensor-core dots, free when memory-bound) so that rounding p to 16 bits
+    does not add an error comparable to the output's own rounding. fp32 inputs use IEEE fp32 dots (no
+    TF32).
+
+Semantics = ulskip.ops.decode_attention_ref: q [B, Hq, D]; k_cache, v_cache [B, Hkv, S, D];
+seq_lens [B] int (visible keys, 1 <= seq_lens[b] <= S, not checked: that would need a host sync);
+key j is visible to sequence b when j < seq_lens[b]; optional ALiBi slopes [Hq] fp32 add slope_h * j.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INDEX_DTYPES, check_out, check_shape, check_tensor, next_pow2
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+@triton.jit
+def _decode_attn_kernel(
+    Q, K, V, SEQ, SLOPES, OUT, M_P, L_P, ACC_P,
+    sq_b, sq_h,
+    sk_b, sk_h, sk_s,
+    sv_b, sv_h, sv_s,
+    so_b, so_h,
+    sp_b, sp_h,            # strides of the [B, Hq, SPLITS] partials (ACC_P is [B, Hq, SPLITS, D])
+    S, CHUNK, scale,
+    D: tl.constexpr,       # head dim (constexpr: the masks on it fold away / stay vector-friendly)
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DIRECT: tl.constexpr, SPLIT_P: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    hq = hk * G + offs_g                      # query heads of this KV head
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+
+    q = tl.load(Q + b * sq_b + hq[:, None] * sq_h + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)          # [BLOCK_G, BLOCK_D]
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + hq, mask=g_mask, other=0.0).to(tl.float32)
+
+    seq_len = tl.load(SEQ + b).to(tl.int32)
+    start = split * CHUNK
+    hi = tl.minimum(tl.minimum(start + CHUNK, seq_len), S)
+
+    k_base = K + b * sk_b + hk * sk_h
+    v_base = V + b * sv_b + hk * sv_h
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, hi, BLOCK_N):
+        n = n0 + offs_n
+        n_mask = n < hi
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + n[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale                                                      # [BLOCK_G, BLOCK_N] fp32
+        if HAS_ALIBI:
+            s += slope[:, None] * n[None, :].to(tl.float32)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_base + n[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FP32_DOT:
+            acc += tl.dot(p, v, input_precision="ieee")
+        elif SPLIT_P:
+            p_hi = p.to(v.dtype)
+            p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+            acc += tl.dot(p_hi, v)
+            acc += tl.dot(p_lo, v)
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if DIRECT:
+        o = acc / l_i[:, None]
+        tl.store(OUT + b * so_b + hq[:, None] * so_h + offs_d[None, :], o.to(OUT.dtype.element_ty),
+                 mask=out_mask)
+    else:
+        p_off = b * sp_b + hq * sp_h + split
+        tl.store(M_P + p_off, m_i, mask=g_mask)
+        tl.store(L_P + p_off, l_i, mask=g_mask)
+        tl.store(ACC_P + p_off[:, None] * D + offs_d[None, :], acc, mask=out_mask)
+
+
+@triton.jit
+def _decode_attn_reduce_kernel(
+    M_P, L_P, ACC_P, OUT,
+    sp_b, sp_h, so_b, so_h,
+    SPLITS,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < SPLITS
+    d_mask = offs_d < D
+    p_off = b * sp_b + h * sp_h + offs_s
+    m = tl.load(M_P + p_off, mask=s_mask, other=float("-inf"))
+    l = tl.load(L_P + p_off, mask=s_mask, other=0.0)
+    m_max = tl.max(m, axis=0)                     # finite: split 0 always holds key 0
+    w = tl.where(s_mask & (m > float("-inf")), tl.exp(m - m_max), 0.0)
+    denom = tl.sum(w * l, axis=0)
+    acc = tl.load(ACC_P + p_off[:, None] * D + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
+                  other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / denom
+    tl.store(OUT + b * so_b + h * so_h + offs_d, o.to(OUT.dtype.element_ty), mask=d_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(B: int, Hkv: int, S: int, device: torch.device, block_n: int = 64,
+                      min_chunk: int = 256) -> int:
+    """Splits per (sequence, KV head) so that ~4 programs per SM exist, each chunk >= min_chunk keys.
+    Static: depends only on shapes, never on the lengths held on the device."""
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    target = 4 * sms
+    splits = max(1, -(-target // (B * Hkv)))
+    splits = min(splits, max(1, -(-S // max(min_chunk, block_n))))
+    return splits
+
+
+def decode_attention(q, k_cache, v_cache, seq_lens, scale, slopes=None, out=None, num_splits=None,
+                     block_n=None, num_warps=4, num_stages=None):
+    """q [B, Hq, D], k_cache/v_cache [B, Hkv, S, D], seq_lens [B] -> out [B, Hq, D] (q's dtype).
+
+    num_splits (optional) overrides the automatic split count (tests use it to cover the reduce path).
+    """
+    check_tensor("q", q, ndim=3)
+    B, Hq, D = q.shape
+    dev = q.device
+    check_tensor("k_cache", k_cache, ndim=4, device=dev)
+    if k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}, expected ({B}, Hkv, S, {D}) for q of "
+                         f"shape {tuple(q.shape)}")
+    _, Hkv, S, _ = k_cache.shape
+    check_tensor("v_cache", v_cache, ndim=4, device=dev)
+    check_shape("v_cache", v_cache, k_cache.shape)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dim, got strides {t.stride()}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must have a unit stride in its last dim, got strides {q.stride()}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported; allowed: {SUPPORTED_HEAD_DIMS}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads Hq={Hq} must be a multiple of KV heads Hkv={Hkv}")
+    if S == 0:
+        raise ValueError("the cache has S=0 slots; it needs at least one")
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev)
+    check_shape("seq_lens", seq_lens, (B,))
+    if slopes is not None:
+        check_tensor("slopes", slopes, ndim=1, dtypes=(torch.float32,), device=dev)
+        check_shape("slopes", slopes, (Hq,))
+    if not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a Python float, got {type(scale).__name__}")
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
+    else:
+        check_out("out", out, (B, Hq, D), q.dtype, dev)
+    if B == 0 or Hq == 0:
+        return out
+
+    G = Hq // Hkv
+    BLOCK_G = max(16, next_pow2(G))
+    BLOCK_D = next_pow2(D)
+    fp32 = q.dtype == torch.float32
+    # 16-bit, D<=128: 64-key tiles, 3 stages = ~72 KB of shared memory, 3 programs per H100/H200 SM,
+    # ~100 registers, cp.async-pipelined (checked on the sm_90 PTX). fp32 (tests) gets smaller tiles.
+    BLOCK_N = block_n or (32 if fp32 or BLOCK_D > 128 else 64)
+    if num_stages is None:
+        num_stages = 2 if fp32 or BLOCK_D > 128 else 3
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, S, dev, BLOCK_N)
+    num_splits = max(1, min(int(num_splits), triton.cdiv(S, BLOCK_N)))
+    chunk = triton.cdiv(triton.cdiv(S, num_splits), BLOCK_N) * BLOCK_N
+    num_splits = triton.cdiv(S, chunk)
+    direct = num_splits == 1
+    if direct:
+        m_p = l_p = acc_p = out  # unused
+        sp = (0, 0)
+    else:
+        m_p = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
+        l_p = torch.empty_like(m_p)
+        acc_p = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=dev)
+        sp = m_p.stride()[:2]
+    _decode_attn_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, seq_lens, slopes if slopes is not None else q, out, m_p, l_p, acc_p,
+        q.stride(0), q.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3],
+        out.stride(0), out.stride(1), *sp,
+        S, chunk, float(scale),
+        D=D, G=G, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        HAS_ALIBI=slopes is not None, DIRECT=direct, SPLIT_P=not fp32, FP32_DOT=fp32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not direct:
+        _decode_attn_reduce_kernel[(B, Hq)](
+            m_p, l_p, acc_p, out, *sp, out.stride(0), out.stride(1), num_splits,
+            D=D, BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=BLOCK_D, num_warps=4,
+        )
+    return out
