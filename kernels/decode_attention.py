@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ._common import INDEX_DTYPES, check_out, check_shape, check_tensor, next_pow2
 
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 
 
 @triton.jit

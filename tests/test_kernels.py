@@ -266,7 +266,7 @@ def _attn_case(B, Hq, Hkv, D, S, dtype, alibi, num_splits, device=DEV, seed=0, l
 @pytest.mark.parametrize("alibi", [False, True])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 @pytest.mark.parametrize("B,Hq,Hkv,D,S", [(3, 4, 4, 64, 100), (2, 8, 2, 80, 200), (2, 4, 1, 128, 64),
-                                          (2, 16, 2, 64, 48)])
+                                          (2, 16, 2, 64, 48), (2, 4, 2, 16, 40), (1, 4, 4, 32, 70)])
 def test_decode_attention(B, Hq, Hkv, D, S, num_splits, alibi, dtype):
     _attn_case(B, Hq, Hkv, D, S, dtype, alibi, num_splits)
 
