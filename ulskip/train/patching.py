@@ -1,0 +1,239 @@
+"""Swap fused training kernels into a transformers model with one call: `patch_model(model)`.
+
+What gets replaced (forward methods of module instances; parameters and state-dict keys unchanged):
+  RMSNorm (Llama/Mistral/Qwen2)  -> RMSNormFunction: Triton forward (kernels/norm.py), Triton backward
+  LayerNorm (Bloom)              -> LayerNormFunction: same, kernels/norm_backward.py
+  SwiGLU MLP (Llama family)      -> one GEMM on the concatenated gate/up weights, SiluMulFunction
+                                    (kernels/activation.py forward, kernels/activation_backward.py)
+  Bloom GeLU                     -> GeluTanhFunction
+  LM head + loss                 -> chunked fused linear + cross-entropy (ulskip.train.fused_ce) when
+                                    labels are given: no [tokens, vocab] logits, logits=None returned
+The Triton pieces run on CUDA tensors (or anywhere under TRITON_INTERPRET=1); on other devices the
+patched modules fall back to their original forward, and the fused cross-entropy uses its PyTorch path.
+"""
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ulskip.train import _kernels
+from ulskip.train.fused_ce import fused_linear_cross_entropy
+
+SUPPORTED = ("llama", "mistral", "qwen2", "bloom")
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _autocast_on(t: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except TypeError:
+        return t.is_cuda and torch.is_autocast_enabled()
+
+
+# ----------------------------------------------------------------------------- autograd Functions
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y = _kernels.load("norm").rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx, dw = _kernels.load("norm_backward").rms_norm_backward(dy, x, weight, ctx.eps)
+        return dx, (dw if ctx.needs_input_grad[1] else None), None
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y = _kernels.load("norm").layer_norm(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = _kernels.load("norm_backward").layer_norm_backward(dy, x, weight, bias, ctx.eps)
+        return (dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None, None)
+
+
+class SiluMulFunction(torch.autograd.Function):
+    """gate_up [.., 2I] -> silu(gate) * up [.., I]."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return _kernels.load("activation").silu_mul(gate_up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gate_up,) = ctx.saved_tensors
+        return _kernels.load("activation_backward").silu_mul_backward(dy, gate_up)
+
+
+class GeluTanhFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _kernels.load("activation").gelu_tanh(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return _kernels.load("activation_backward").gelu_tanh_backward(dy, x)
+
+
+# ----------------------------------------------------------------------------- patched forwards
+def _rms_forward(self, hidden_states):
+    if not _use_triton(hidden_states):
+        return self._ulskip_orig_forward(hidden_states)
+    eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
+    return RMSNormFunction.apply(hidden_states, self.weight, float(eps))
+
+
+def _ln_forward(self, x):
+    if not _use_triton(x):
+        return self._ulskip_orig_forward(x)
+    w, b = self.weight, self.bias
+    if _autocast_on(x):  # F.layer_norm autocasts to fp32; keep that contract
+        x, w, b = x.float(), w.float(), (b.float() if b is not None else None)
+    if b is None:
+        b = torch.zeros_like(w)
+    return LayerNormFunction.apply(x, w, b, float(self.eps))
+
+
+def _swiglu_forward(self, x):
+    if not _use_triton(x):
+        return self._ulskip_orig_forward(x)
+    g, u = self.gate_proj, self.up_proj
+    w = torch.cat([g.weight, u.weight], dim=0)
+    b = torch.cat([g.bias, u.bias], dim=0) if g.bias is not None else None
+    return self.down_proj(SiluMulFunction.apply(F.linear(x, w, b)))
+
+
+def _gelu_forward(self, x):
+    if not _use_triton(x):
+        return self._ulskip_orig_forward(x)
+    return GeluTanhFunction.apply(x)
+
+
+def _set_forward(module: nn.Module, fn) -> None:
+    if not hasattr(module, "_ulskip_orig_forward"):
+        module._ulskip_orig_forward = module.forward
+    module.forward = types.MethodType(fn, module)
+
+
+def model_type(model) -> str:
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in SUPPORTED:
+        raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
+    return mt
+
+
+def patch_model(model, norm: bool = True, activation: bool = True, cross_entropy: bool = True):
+    """Patch the fused training kernels into a transformers causal LM (Llama, Mistral, Qwen2, Bloom),
+    in place; returns the model. Idempotent. Returns counts in `model._ulskip_patched`."""
+    mt = model_type(model)
+    counts = {"rms_norm": 0, "layer_norm": 0, "swiglu": 0, "gelu": 0, "cross_entropy": 0}
+    for module in model.modules():
+        name = type(module).__name__
+        if norm and mt != "bloom" and name.endswith("RMSNorm") and hasattr(module, "weight"):
+            _set_forward(module, _rms_forward)
+            counts["rms_norm"] += 1
+        elif norm and mt == "bloom" and isinstance(module, nn.LayerNorm):
+            if not module.elementwise_affine:
+                continue
+            _set_forward(module, _ln_forward)
+            counts["layer_norm"] += 1
+        elif (activation and mt != "bloom" and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
+              and getattr(module, "config", None) is not None
+              and getattr(module.config, "hidden_act", None) in ("silu", "swish")):
+            _set_forward(module, _swiglu_forward)
+            counts["swiglu"] += 1
+        elif activation and mt == "bloom" and name == "BloomGelu":
+            _set_forward(module, _gelu_forward)
+            counts["gelu"] += 1
+    if cross_entropy:
+        state = install_forward(model)
+        state.fused_ce = True
+        counts["cross_entropy"] = 1
+    model._ulskip_patched = counts
+    return model
+
+
+# ----------------------------------------------------------------------------- the causal LM forward
+class TrainState:
+    """Per-model switches read by the patched top-level forward."""
+
+    def __init__(self, orig_forward):
+        self.orig_forward = orig_forward
+        self.fused_ce = False
+        self.uls = None  # an apply_uls._ULSContext
+
+
+def install_forward(model) -> TrainState:
+    state = getattr(model, "_ulskip_train", None)
+    if state is None:
+        state = TrainState(model.forward)
+        model._ulskip_train = state
+        model.forward = types.MethodType(_causal_lm_forward, model)
+    return state
+
+
+_NOT_FOR_BASE = ("labels", "num_items_in_batch", "logits_to_keep", "return_dict", "shift_labels",
+                 "output_attentions", "output_hidden_states")
+
+
+def _causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, prefix_lengths=None, **kwargs):
+    """The model's forward plus ULS semantics (`prefix_lengths` [batch], else derived from `labels`)
+    and the fused linear cross-entropy (when patched and labels are given)."""
+    state: TrainState = self._ulskip_train
+    uls = state.uls
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if uls is not None:
+        for k in ("cache", "past_key_values"):
+            if kwargs.get(k) is not None:
+                raise ValueError("a model prepared by ulskip.train.apply_uls runs whole sequences (training, "
+                                 "teacher-forced scoring) and takes no KV cache; generate with ulskip.Engine")
+        kwargs["use_cache"] = False
+        uls.begin(prefix_lengths, labels, ref.shape[0], ref.shape[1], ref.device)
+    elif prefix_lengths is not None:
+        raise ValueError("prefix_lengths is only meaningful after ulskip.train.apply_uls(model, ...)")
+    try:
+        if state.fused_ce and labels is not None and not kwargs.get("output_hidden_states") \
+                and not kwargs.get("output_attentions"):
+            return _fused_ce_forward(self, input_ids, attention_mask, labels, **kwargs)
+        return state.orig_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+    finally:
+        if uls is not None:
+            uls.end()
+
+
+def _fused_ce_forward(self, input_ids, attention_mask, labels, **kwargs):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.get("num_items_in_batch")
+    shift_labels = kwargs.get("shift_labels")
+    base_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_BASE}
+    base_kwargs.setdefault("use_cache", False)
+    base = getattr(self, self.base_model_prefix)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, **base_kwargs)
+    hidden = out[0]                                                     # [B, T, H]
+    if shift_labels is None:
+        labels = labels.to(hidden.device)
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)         # row t predicts token t+1
+    head = self.get_output_embeddings()
+    loss = fused_linear_cross_entropy(hidden, head.weight, shift_labels, bias=head.bias,
+                                      num_items_in_batch=num_items)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
