@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command every GPU run uses: build, GPU tests, kernel and engine benchmarks, logs under $OUT.
-#   bash bench/gpu_check.sh STAGE...   stages: build test kbench quick llama bloom train (default: all)
+#   bash bench/gpu_check.sh STAGE...   stages: build test kbench quick llama llamac bloom bloomc train
+# (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile)
 # Every stage logs to $OUT/<stage>.log; the summary table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -8,15 +9,15 @@ OUT="${OUT:-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ULSKIP_BUILD_LOG="$OUT/build.log"
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test kbench quick llama bloom train)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test kbench quick llama llamac bloom bloomc train)
 BENCH="python3 -m ulskip.cli bench --no-progress"
 declare -A RC SECS
 
-stage() {  # stage NAME COMMAND...
-  local name=$1; shift
+stage() {  # stage NAME LIMIT_S COMMAND...: a stage past its limit is killed, the next one runs
+  local name=$1 limit=$2; shift 2
   local t0=$SECONDS
   echo "=== $name: $*"
-  bash -c "$*" > "$OUT/$name.log" 2>&1
+  timeout "$limit" bash -c "$*" > "$OUT/$name.log" 2>&1
   RC[$name]=$?
   SECS[$name]=$((SECONDS - t0))
   tail -25 "$OUT/$name.log"
@@ -25,14 +26,16 @@ stage() {  # stage NAME COMMAND...
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 for s in "${STAGES[@]}"; do
   case $s in
-    build)  stage build "bash bench/gpu_build.sh" ;;
-    test)   stage test "python3 -m pytest -q -x -m gpu tests/test_csrc_ops.py tests/test_kernels.py tests/test_engine_gpu.py" ;;
-    kbench) stage kbench "python3 bench/kernel_bench.py --out $OUT/kernel_bench.md" ;;
-    quick)  stage quick "$BENCH --model llama-2-7b --systems ulskip --json $OUT/quick.json" ;;
-    llama)  stage llama "$BENCH --model llama-2-7b --json $OUT/llama-2-7b.json --plot $OUT/llama-2-7b.png" ;;
-    bloom)  stage bloom "$BENCH --model bloom-7b1 --json $OUT/bloom-7b1.json --plot $OUT/bloom-7b1.png" ;;
-    train)  stage train "python3 bench/train_bench.py" ;;
-    *) echo "unknown stage $s (build test kbench quick llama bloom train)"; exit 2 ;;
+    build)  stage build 240 "bash bench/gpu_build.sh" ;;
+    test)   stage test 240 "python3 -m pytest -q -m gpu tests" ;;
+    kbench) stage kbench 120 "python3 bench/kernel_bench.py --out $OUT/kernel_bench.md" ;;
+    quick)  stage quick 200 "$BENCH --model llama-2-7b --systems ulskip --json $OUT/quick.json" ;;
+    llama)  stage llama 280 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/llama-2-7b.a.json" ;;
+    llamac) stage llamac 280 "$BENCH --model llama-2-7b --systems hf-compile-skip --json $OUT/llama-2-7b.b.json" ;;
+    bloom)  stage bloom 280 "$BENCH --model bloom-7b1 --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/bloom-7b1.a.json" ;;
+    bloomc) stage bloomc 280 "$BENCH --model bloom-7b1 --systems hf-compile-skip --json $OUT/bloom-7b1.b.json" ;;
+    train)  stage train 150 "python3 bench/train_bench.py --out $OUT/train_bench.json" ;;
+    *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
 

@@ -149,7 +149,7 @@ class Engine:
         return self._decode_eager(tokens, positions)
 
     def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        step = Step(positions=positions.unsqueeze(1), cache=self.cache, decode=True)
+        step = Step(positions=positions.unsqueeze(1), cache=self.cache, decode=True, seq_lens=positions + 1)
         return self.model(tokens.unsqueeze(1), step, self.kept_layers)
 
     # ------------------------------------------------------------------ generation

@@ -24,10 +24,7 @@ class Step:
     cos: torch.Tensor | None = None         # [B, T, D] rotary tables (Llama family)
     sin: torch.Tensor | None = None
     slopes: torch.Tensor | None = None      # [Hq] ALiBi slopes (Bloom)
-
-    @property
-    def seq_lens(self) -> torch.Tensor:     # decode: keys visible to each sequence's new token
-        return self.positions[:, 0] + 1
+    seq_lens: torch.Tensor | None = None    # decode: [B] keys visible to each new token (position + 1)
 
 
 def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: bool = True) -> torch.Tensor:
