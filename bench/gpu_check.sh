@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 ULSKIP_BUILD_LOG="$OUT/build.log"
+export PYTHONUNBUFFERED=1  # (the full compiler log stays in build/gpu_build.log)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build test kbench quick llama llamac bloom bloomc train)
 BENCH="python3 -m ulskip.cli bench --no-progress"
@@ -23,7 +23,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: a stage past its limit is killed, th
   tail -25 "$OUT/$name.log"
 }
 
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+GPU=$(nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader 2>&1)
+echo "gpu: $GPU"
 for s in "${STAGES[@]}"; do
   case $s in
     build)  stage build 240 "bash bench/gpu_build.sh" ;;
@@ -39,6 +40,6 @@ for s in "${STAGES[@]}"; do
   esac
 done
 
-echo; echo "== summary ($(head -2 "$OUT/gpu.txt" | tail -1))"
+echo; echo "== summary ($GPU)"
 printf "%-8s %4s %6s\n" stage rc secs
 for s in "${STAGES[@]}"; do printf "%-8s %4s %6s\n" "$s" "${RC[$s]}" "${SECS[$s]}"; done
