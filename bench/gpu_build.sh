@@ -32,7 +32,8 @@ if ! python3 -m pip install -v --no-build-isolation --no-deps --no-index -e . >>
   # e.g. a setuptools too old for PEP 660 editable installs: build ulskip/_C*.so in place instead,
   # which works when python runs from the repo root.
   echo "pip editable install failed (see $LOG); falling back to setup.py build_ext --inplace" | tee -a "$LOG"
-  python3 setup.py build_ext --inplace >>"$LOG" 2>&1 || { tail -40 "$LOG"; exit 1; }
+  python3 setup.py build_ext --inplace >>"$LOG" 2>&1 || {
+    grep -n -A6 -E "error[: ]|Error:|FAILED:" "$LOG" | grep -v "^.*Traceback" | head -60; exit 1; }
 fi
 echo "build took $((SECONDS - t0)) s" | tee -a "$LOG"
 grep "building ulskip._C" "$LOG" || true  # says whether the CUDA sources were compiled

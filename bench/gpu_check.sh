@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1  # (the full compiler log stays in build/gpu_build.log)
+export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}  # one GPU unless asked  # (the full compiler log stays in build/gpu_build.log)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build test kbench quick llama llamac bloom bloomc train)
 BENCH="python3 -m ulskip.cli bench --no-progress"
@@ -27,14 +27,15 @@ GPU=$(nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_versi
 echo "gpu: $GPU"
 for s in "${STAGES[@]}"; do
   case $s in
-    build)  stage build 240 "bash bench/gpu_build.sh" ;;
-    test)   stage test 240 "python3 -m pytest -q -m gpu tests" ;;
+    build)  stage build 90 "bash bench/gpu_build.sh"
+            [ "${RC[build]}" = 0 ] || { echo "build failed: stopping"; break; } ;;
+    test)   stage test 120 "python3 -m pytest -q -m gpu tests" ;;
     kbench) stage kbench 120 "python3 bench/kernel_bench.py --out $OUT/kernel_bench.md" ;;
     quick)  stage quick 200 "$BENCH --model llama-2-7b --systems ulskip --json $OUT/quick.json" ;;
-    llama)  stage llama 280 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/llama-2-7b.a.json" ;;
-    llamac) stage llamac 280 "$BENCH --model llama-2-7b --systems hf-compile-skip --json $OUT/llama-2-7b.b.json" ;;
-    bloom)  stage bloom 280 "$BENCH --model bloom-7b1 --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/bloom-7b1.a.json" ;;
-    bloomc) stage bloomc 280 "$BENCH --model bloom-7b1 --systems hf-compile-skip --json $OUT/bloom-7b1.b.json" ;;
+    llama)  stage llama 200 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/llama-2-7b.a.json" ;;
+    llamac) stage llamac 280 "$BENCH --model llama-2-7b --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/llama-2-7b.b.json" ;;
+    bloom)  stage bloom 170 "$BENCH --model bloom-7b1 --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/bloom-7b1.a.json" ;;
+    bloomc) stage bloomc 280 "$BENCH --model bloom-7b1 --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/bloom-7b1.b.json" ;;
     train)  stage train 150 "python3 bench/train_bench.py --out $OUT/train_bench.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

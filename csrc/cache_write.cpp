@@ -1,5 +1,5 @@
 // cache_write: scatter the new tokens' K/V rows into one slot of the compact KV cache.
-// Reference: ulskip.ops.cache_write_ref. CPU version here, CUDA version in cache_write.cu.
+// Reference: ulskip.ops.cache_write_ref. CPU version here, CUDA version in cache_write_cuda.cu.
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 

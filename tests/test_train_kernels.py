@@ -4,7 +4,6 @@ under TRITON_INTERPRET=1 (set by conftest.py), fp32/fp16 only (bf16 tl.dot is br
 import copy
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

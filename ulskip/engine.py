@@ -77,7 +77,7 @@ class Engine:
         self.cache = CompactKVCache(self.kept_layers, max_batch_size, cfg.num_kv_heads, max_seq_len,
                                     cfg.head_dim, self.dtype, self.device)
         # decode steps replay a CUDA graph per batch bucket (GPU only; captured on first use)
-        self.graphs = DecodeGraphs(self._decode_eager, max_batch_size, self.device) \
+        self.graphs = DecodeGraphs(self._decode_eager, max_batch_size, max_seq_len, self.device) \
             if cuda_graphs and self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------ construction

@@ -19,8 +19,11 @@ def buckets(max_batch_size: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, decode_fn, max_batch_size: int, device):
+    def __init__(self, decode_fn, max_batch_size: int, max_seq_len: int, device):
         self.decode_fn, self.device = decode_fn, device
+        # Warm-up and padding rows write their K/V at the last cache position: a live sequence
+        # writes every position before it reads it, so that slot never leaks into its attention.
+        self.scratch_pos = max_seq_len - 1
         self.sizes = buckets(max_batch_size)
         self.graphs = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -29,6 +32,7 @@ class DecodeGraphs:
 
     def _capture(self, b: int):
         tokens, positions = self.tokens[:b], self.positions[:b]
+        positions.fill_(self.scratch_pos)  # the warm-up really runs: keep it off live cache entries
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm up outside the graph: Triton compiles, cuBLAS picks kernels
@@ -46,9 +50,9 @@ class DecodeGraphs:
         if b not in self.graphs:
             self._capture(b)
         graph, logits = self.graphs[b]
-        # padding rows decode token 0 at position 0 into cache rows no sequence uses
+        # padding rows decode token 0 into cache rows that no sequence uses
         self.tokens[n:b].zero_()
-        self.positions[n:b].zero_()
+        self.positions[n:b].fill_(self.scratch_pos)
         self.tokens[:n].copy_(tokens)
         self.positions[:n].copy_(positions)
         graph.replay()
