@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command every GPU run uses: build, GPU tests, kernel and engine benchmarks, logs under $OUT.
 #   bash bench/gpu_check.sh STAGE...   stages: build test kbench quick llama llamac bloom bloomc train
+# train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile
 # (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile)
 # Every stage logs to $OUT/<stage>.log; the summary table comes last.
 set -uo pipefail
@@ -35,8 +36,10 @@ for s in "${STAGES[@]}"; do
     llama)  stage llama 200 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/llama-2-7b.a.json" ;;
     llamac) stage llamac 280 "$BENCH --model llama-2-7b --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/llama-2-7b.b.json" ;;
     bloom)  stage bloom 170 "$BENCH --model bloom-7b1 --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/bloom-7b1.a.json" ;;
-    bloomc) stage bloomc 280 "$BENCH --model bloom-7b1 --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/bloom-7b1.b.json" ;;
+    bloomc) stage bloomc 230 "$BENCH --model bloom-7b1 --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/bloom-7b1.b.json" ;;
     train)  stage train 150 "python3 bench/train_bench.py --out $OUT/train_bench.json" ;;
+    train2) stage train2 150 "CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 bench/train_bench.py --out $OUT/train_bench_x2.json" ;;
+    prof)   stage prof 120 "python3 bench/profile_decode.py" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

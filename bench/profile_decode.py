@@ -1,0 +1,103 @@
+"""Where one decode step's time goes (GPU): per-kernel breakdown and the split-KV choice at batch 1.
+
+    python bench/profile_decode.py [--model llama-2-7b] [--batch 1] [--speedup 1]
+
+1. One eager decode step of the engine under torch.profiler: GPU time per kernel family, their sum,
+   and the step time of the CUDA-graph replay (so launch gaps = replay time - kernel sum).
+2. Decode attention alone at the bench's shape (S = 256, 192 visible keys) for several split counts,
+   each captured in a CUDA graph and replayed, so launch overhead is not counted.
+"""
+import argparse
+import collections
+
+import torch
+
+from ulskip import Engine
+from ulskip.bench_models import build_hf_model
+
+
+def graph_time_us(fn, iters=200):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(10):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters / 10
+
+
+def events_time_us(fn, iters=50):
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-2-7b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--speedup", type=float, default=1)
+    args = ap.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    hf = build_hf_model(args.model, dev, dt)
+    eng = Engine.from_hf_model(hf, target_speedup=args.speedup, max_batch_size=args.batch, max_seq_len=256)
+    del hf
+    torch.cuda.empty_cache()
+    B = args.batch
+    prompts = [list(range(3, 131))] * B
+    eng.generate(prompts, max_new_tokens=4)  # capture the graph, fill the cache up to ~132
+    tok = torch.full((B,), 5, device=dev, dtype=torch.long)
+    pos = torch.full((B,), 192, device=dev, dtype=torch.long)
+    replay_us = events_time_us(lambda: eng._decode(tok, pos))
+    eng._decode_eager(tok, pos)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        eng._decode_eager(tok, pos)
+        torch.cuda.synchronize()
+    kernels = collections.Counter()
+    counts = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name if len(e.name) < 60 else e.name[:57] + "..."
+            kernels[name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            counts[name] += 1
+    total = sum(kernels.values())
+    print(f"{args.model} bs{B} speedup {args.speedup}: CUDA-graph step {replay_us:.0f} us, "
+          f"kernel time sum {total:.0f} us over {sum(counts.values())} kernels "
+          f"(gaps ~{replay_us - total:.0f} us)")
+    print("| kernel | calls | us | % |\n|---|---|---|---|")
+    for name, us in kernels.most_common(15):
+        print(f"| {name} | {counts[name]} | {us:.0f} | {100 * us / total:.1f} |")
+
+    from ulskip.kernels.decode_attention import decode_attention
+    print("\ndecode attention alone, B=%d Hq=Hkv=32 D=128 S=256, 192 visible keys (graph replay)" % B)
+    print("| splits | us |\n|---|---|")
+    q = torch.randn(B, 32, 128, device=dev, dtype=dt)
+    kc, vc = (torch.randn(B, 32, 256, 128, device=dev, dtype=dt) for _ in range(2))
+    lens = torch.full((B,), 192, device=dev, dtype=torch.int32)
+    for splits in (1, 2, 4, 8):
+        us = graph_time_us(lambda: decode_attention(q, kc, vc, lens, 128 ** -0.5, num_splits=splits))
+        print(f"| {splits} | {us:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
