@@ -70,7 +70,8 @@ def main(argv=None):
             return statistics.median(ts)
 
     kp = ops.kernels_package()  # noqa: F841
-    from ulskip.kernels import activation, decode_attention, norm, rotary, sampling
+    from ulskip import ops
+    from ulskip.kernels import activation, decode_attention, norm, rotary
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     el = torch.finfo(dt).bits // 8
@@ -127,8 +128,8 @@ def main(argv=None):
         logits = torch.randn(B, VOCAB, device=dev)
         gen = torch.Generator(device=dev).manual_seed(0)
         row("sample top_k=50 top_p=0.9", f"[{B},{VOCAB}] fp32", B * VOCAB * 4,
-            lambda: sampling.sample(logits, 0.8, 50, 0.9, gen), None)
-        row("sample greedy", f"[{B},{VOCAB}] fp32", B * VOCAB * 4, lambda: sampling.sample(logits, 0.0, 0, 1.0),
+            lambda: ops.sample(logits, 0.8, 50, 0.9, gen), None)
+        row("sample greedy", f"[{B},{VOCAB}] fp32", B * VOCAB * 4, lambda: ops.sample(logits, 0.0, 0, 1.0),
             None)
 
     lines += ["", "| decode_attention | B | Hkv | S=len | splits | MB moved | triton us | GB/s | % copy | "

@@ -7,6 +7,10 @@ gelu_tanh_backward: Bloom's tanh GeLU; given dy and x returns dx:
       t = tanh(0.79788456 x (1 + 0.044715 x^2))
       dx = dy * (0.5 x (1 - t^2) (0.79788456 + 0.1070322243 x^2) + 0.5 (1 + t))
   (the formula of transformers' bloom_gelu_back).
+silu_mul_split / silu_mul_split_backward: the same SwiGLU on separate gate and up tensors [.., I] (the
+  outputs of gate_proj(x) and up_proj(x)), forward and backward. The training patch uses this pair: it
+  calls the projection modules themselves (so their hooks run, e.g. DeepSpeed ZeRO-3 gathering the
+  weights, or LoRA adapters) instead of one GEMM on a concatenated gate/up weight.
 """
 from __future__ import annotations
 
@@ -30,6 +34,35 @@ def _silu_mul_bwd_kernel(DY, X, DX, stride_dy, stride_x, stride_dx, I, BLOCK: tl
     d_up = dy * gate * s
     tl.store(DX + row * stride_dx + cols, d_gate.to(DX.dtype.element_ty), mask=mask)
     tl.store(DX + row * stride_dx + I + cols, d_up.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_mul_split_kernel(G, U, Y, stride_g, stride_u, stride_y, I, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    gate = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    e = tl.exp(-tl.abs(gate))             # in (0, 1]: no overflow for any gate
+    sig = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    tl.store(Y + row * stride_y + cols, (gate * sig * up).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_mul_split_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_d, I,
+                               BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    e = tl.exp(-tl.abs(gate))
+    s = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    d_gate = dy * up * s * (1.0 + gate * (1.0 - s))
+    d_up = dy * gate * s
+    tl.store(DG + row * stride_d + cols, d_gate.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row * stride_d + cols, d_up.to(DU.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -81,3 +114,50 @@ def gelu_tanh_backward(dy, x):
     _gelu_tanh_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy.contiguous(), x.contiguous(), dx, n, BLOCK=BLOCK,
                                                    num_warps=4)
     return dx
+
+
+def _rows(t, I):
+    """t [.., I] as a [rows, I] view (a copy only when its last dim is strided)."""
+    t2 = t.reshape(-1, I)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _check_pair(gate, up):
+    check_tensor("gate", gate)
+    check_tensor("up", up, dtypes=(gate.dtype,), device=gate.device)
+    check_shape("up", up, gate.shape)
+    if gate.dim() < 1:
+        raise ValueError("gate and up must have at least one dim")
+
+
+def silu_mul_split(gate, up):
+    """gate, up [.., I] (same shape, dtype, device) -> silu(gate) * up [.., I] in their dtype."""
+    _check_pair(gate, up)
+    I = gate.shape[-1]
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel() == 0:
+        return out
+    g2, u2, y2 = _rows(gate, I), _rows(up, I), out.view(-1, I)
+    BLOCK = min(1024, triton.next_power_of_2(I))
+    _silu_mul_split_kernel[(g2.shape[0], triton.cdiv(I, BLOCK))](
+        g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), I, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+def silu_mul_split_backward(dy, gate, up):
+    """dy, gate, up [.., I] (gate and up: the forward's inputs) -> (d_gate, d_up) in gate's dtype."""
+    _check_pair(gate, up)
+    check_tensor("dy", dy, device=gate.device)
+    check_shape("dy", dy, gate.shape)
+    I = gate.shape[-1]
+    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    du = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if dg.numel() == 0:
+        return dg, du
+    dy2, g2, u2 = _rows(dy, I), _rows(gate, I), _rows(up, I)
+    dg2, du2 = dg.view(-1, I), du.view(-1, I)
+    BLOCK = min(1024, triton.next_power_of_2(I))
+    _silu_mul_split_bwd_kernel[(g2.shape[0], triton.cdiv(I, BLOCK))](
+        dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), I,
+        BLOCK=BLOCK, num_warps=4)
+    return dg, du

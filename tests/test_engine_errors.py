@@ -66,3 +66,11 @@ def test_lengths_and_batch_limits(eng):
 def test_bad_generation_options(eng, kwargs, match):
     with pytest.raises(ValueError, match=match):
         eng.generate([[1, 2]], **{"max_new_tokens": 2, **kwargs})
+
+
+def test_numpy_and_tensor_token_ids_are_accepted(eng):
+    import numpy as np
+    import torch
+    ref = eng.generate([[1, 2, 3]], max_new_tokens=3).sequences
+    assert eng.generate([list(np.array([1, 2, 3]))], max_new_tokens=3).sequences == ref
+    assert eng.generate([torch.tensor([1, 2, 3])], max_new_tokens=3).sequences == ref

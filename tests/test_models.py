@@ -136,3 +136,39 @@ def test_sampling(ckpt):
         top3 = logits.topk(3, dim=-1).indices
         for row, seq in enumerate(out.sequences):
             assert seq[t] in top3[row].tolist()
+
+
+def test_sliding_window_within_the_window(tmp_path):
+    """Mistral's sliding window: exact while sequences fit in it, a clear error past it."""
+    model = make_hf_model("mistral", sliding_window=16)
+    path = save(model, tmp_path)
+    eng = Engine.from_pretrained(path)
+    assert eng.max_seq_len == 16
+    prompt = list(range(3, 13))
+    out = eng.generate([prompt], max_new_tokens=6, output_scores=True)
+    tokens, logits = _hf_greedy(model, prompt, 6)
+    assert out.sequences == [tokens]
+    _close([s[0] for s in out.scores], logits)
+    with pytest.raises(ValueError, match="max_seq_len=32 exceeds the model's sliding_window=16"):
+        Engine.from_pretrained(path, max_seq_len=32)
+
+
+def test_from_hf_model_follows_the_ulskip_section():
+    model = make_hf_model("llama")
+    model.config.ulskip = {"kept_layers": [0, 2, 5], "prefill": "skip", "target_speedup": 2}
+    eng = Engine.from_hf_model(model, max_seq_len=32)
+    assert eng.kept_layers == [0, 2, 5] and eng.prefill == "skip"
+    assert eng.model.layer_ids == [0, 2, 5]  # skip: the other layers are not even copied
+    assert Engine.from_hf_model(model, prefill="full", max_seq_len=32).prefill == "full"
+
+
+def test_generation_stops_early_once_every_sequence_hit_eos(ckpt, monkeypatch):
+    family, model, path = ckpt
+    eng = Engine.from_pretrained(path, max_seq_len=64)
+    eos = eng.generate([PROMPT], max_new_tokens=1).sequences[0][0]  # every row's first token
+    calls = []
+    real = eng._decode
+    monkeypatch.setattr(eng, "_decode", lambda *a: calls.append(1) or real(*a))
+    out = eng.generate([PROMPT] * 3, max_new_tokens=40, eos_token_id=eos)
+    assert out.sequences == [[eos]] * 3
+    assert len(calls) <= 8  # EOS is looked at every 8 steps (one host sync), not after all 40

@@ -65,3 +65,11 @@ def test_cli_schedule(capsys):
     assert "0,6,12,18,24,29" in out and "5.000x" in out
     with pytest.raises(SystemExit, match=r"\[1, 15\]"):
         main(["schedule", "--layers", "30", "--target-speedup", "50"])
+
+
+def test_user_schedule_must_be_integers():
+    from ulskip.schedule import validate_schedule
+    import numpy as np
+    assert validate_schedule(6, [5, np.int64(0), 2]) == [0, 2, 5]
+    with pytest.raises(ValueError, match="integer layer indices"):
+        validate_schedule(6, [0, 2.5, 5])

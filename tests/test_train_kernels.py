@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from test_train_common import make_model
 from ulskip import ops
 from ulskip.train import _kernels, apply_uls, fused_linear_cross_entropy, patch_model
+from ulskip.train import patching
 from ulskip.train.fused_ce import ce_grad_rows_torch_
 
 CUDA = torch.cuda.is_available()
@@ -28,7 +29,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 48), (7, 100)])
 def test_rms_norm_backward(dtype, shape):
-    nb = _kernels.load("norm_backward")
+    nb = ops._kernel("norm_backward")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(DEV, dtype).requires_grad_()
     w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(DEV).requires_grad_()
@@ -43,7 +44,7 @@ def test_rms_norm_backward(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 48), (9, 100)])
 def test_layer_norm_backward(dtype, shape):
-    nb = _kernels.load("norm_backward")
+    nb = ops._kernel("norm_backward")
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEV, dtype)
     w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(DEV)
@@ -57,7 +58,7 @@ def test_layer_norm_backward(dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_activation_backward(dtype):
-    ab = _kernels.load("activation_backward")
+    ab = ops._kernel("activation_backward")
     g = torch.Generator().manual_seed(2)
     gu = (torch.randn(4, 6, 2 * 40, generator=g) * 3).to(DEV, dtype)
     dy = torch.randn(4, 6, 40, generator=g).to(DEV, dtype)
@@ -71,6 +72,32 @@ def test_activation_backward(dtype):
     assert _rel(ab.gelu_tanh_backward(dy, x), xr.grad) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 6, 40), (3, 1500)])  # I > one 1024 block
+def test_silu_mul_split(dtype, shape):
+    """The two-input SwiGLU of the patched MLP (gate_proj(x), up_proj(x) kept apart): forward and
+    backward against autograd, also on strided (non-contiguous) inputs."""
+    ab = ops._kernel("activation_backward")
+    g = torch.Generator().manual_seed(6)
+    gate = (torch.randn(shape, generator=g) * 3).to(DEV, dtype)
+    up = (torch.randn(shape, generator=g) * 3).to(DEV, dtype)
+    dy = torch.randn(shape, generator=g).to(DEV, dtype)
+    gr, ur = gate.double().requires_grad_(), up.double().requires_grad_()
+    y = F.silu(gr) * ur
+    y.backward(dy.double())
+    out = ab.silu_mul_split(gate, up)
+    assert out.dtype == dtype and out.shape == gate.shape and _rel(out, y) < TOL[dtype]
+    dg, du = ab.silu_mul_split_backward(dy, gate, up)
+    assert _rel(dg, gr.grad) < TOL[dtype] and _rel(du, ur.grad) < TOL[dtype]
+    # strided views (e.g. the halves of one fused projection) give the same results
+    both = torch.cat([gate, up], dim=-1)
+    gv, uv = both[..., :shape[-1]], both[..., shape[-1]:]
+    assert torch.equal(ab.silu_mul_split(gv, uv), out)
+    assert all(torch.equal(a, b) for a, b in zip(ab.silu_mul_split_backward(dy, gv, uv), (dg, du)))
+    with pytest.raises(ValueError, match="up has shape"):
+        ab.silu_mul_split(gate, up[..., :-1])
+
+
 @pytest.mark.parametrize("use_triton", [False, True])
 def test_ce_rows(use_triton):
     g = torch.Generator().manual_seed(3)
@@ -81,7 +108,7 @@ def test_ce_rows(use_triton):
     ref = F.cross_entropy(lr, t, ignore_index=-100, reduction="sum")
     ref.backward()
     buf = logits.clone()
-    fn = _kernels.load("fused_linear_cross_entropy").ce_grad_rows_ if use_triton else ce_grad_rows_torch_
+    fn = ops._kernel("fused_linear_cross_entropy").ce_grad_rows_ if use_triton else ce_grad_rows_torch_
     loss = fn(buf, t, 1.0)
     assert loss[2] == 0 and abs(loss.sum().item() - ref.item()) < 1e-4
     assert _rel(buf, lr.grad) < 1e-5
@@ -162,6 +189,71 @@ def test_patch_model_matches_unpatched(family, uls):
     # without labels the patched model still gives the logits of the original
     with torch.no_grad():
         assert _rel(pat(input_ids=ids, attention_mask=am).logits, ref(input_ids=ids, attention_mask=am).logits) < 1e-5
+
+
+def _emulate_zero3(module, fired):
+    """DeepSpeed ZeRO-3 in miniature: outside its own forward the module's weight holds no data (an
+    empty tensor); a pre-forward hook gathers it, a forward hook releases it again."""
+    full = module.weight.data
+    module.weight.data = torch.empty(0, dtype=full.dtype, device=full.device)
+
+    def gather(m, args):
+        fired.append(m)
+        m.weight.data = full
+
+    def release(m, args, out):
+        m.weight.data = torch.empty(0, dtype=full.dtype, device=full.device)
+
+    module.register_forward_pre_hook(gather)
+    module.register_forward_hook(release)
+
+
+@torch.no_grad()
+def test_patched_swiglu_calls_the_projections():
+    """The fused SwiGLU calls gate_proj/up_proj as modules (their hooks run: ZeRO-3 gathering, adapters)
+    and never reads their weights directly: with ZeRO-3-style partitioned projections the patched model
+    still gives the unpatched model's logits."""
+    base = make_model("llama", num_layers=2, vocab_size=64).to(DEV).eval()
+    ref, pat = copy.deepcopy(base), copy.deepcopy(base)
+    patch_model(pat, cross_entropy=False)
+    fired = []
+    for layer in pat.model.layers:
+        _emulate_zero3(layer.mlp.gate_proj, fired)
+        _emulate_zero3(layer.mlp.up_proj, fired)
+    ids, am, _ = (t.to(DEV) for t in _batch(64))
+    got = pat(input_ids=ids, attention_mask=am).logits
+    assert len(fired) == 4  # each projection of each layer, once
+    assert _rel(got, ref(input_ids=ids, attention_mask=am).logits) < 1e-5
+
+
+def test_one_triton_dispatch_rule(monkeypatch):
+    """patching and fused_ce follow the one rule ulskip.train._kernels.use_triton: switched off, the
+    patched modules run their original forwards and the loss its PyTorch path."""
+    x = torch.zeros(2, device=DEV)
+    assert _kernels.use_triton(x) == (ops._triton_ok() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    calls = []
+    orig_kernel = patching._kernel
+    monkeypatch.setattr(patching, "_kernel", lambda name: calls.append(name) or orig_kernel(name))
+    monkeypatch.setattr("ulskip.train.fused_ce._kernel", lambda name: calls.append(name) or orig_kernel(name))
+    base = make_model("llama", num_layers=2, vocab_size=64).to(DEV).train()
+    ids, am, labels = (t.to(DEV) for t in _batch(64))
+    pat = patch_model(copy.deepcopy(base))
+    if _kernels.use_triton(ids):
+        pat(input_ids=ids, attention_mask=am, labels=labels).loss.backward()
+        assert {"norm", "activation_backward", "fused_linear_cross_entropy"} <= set(calls)
+    calls.clear()
+    monkeypatch.setattr(_kernels, "use_triton", lambda t: False)
+    loss = pat(input_ids=ids, attention_mask=am, labels=labels).loss
+    loss.backward()
+    assert calls == []
+    assert abs(loss.item() - base(input_ids=ids, attention_mask=am, labels=labels).loss.item()) < 1e-5
+
+
+def test_patch_model_rejects_unsupported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*bloom, llama, mistral, qwen2"):
+        patch_model(m)
 
 
 @pytest.mark.gpu

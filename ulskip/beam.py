@@ -19,8 +19,9 @@ def _gather(t, idx):  # t [N, m, ...], idx [N, j] -> [N, j, ...]
 def beam_search(engine, logits, lengths, nb, max_new, eos, length_penalty, output_scores):
     N, V = logits.shape
     dev = logits.device
+    max_len = int(lengths.max())
     rows = torch.arange(N, device=dev).repeat_interleave(nb)
-    engine.cache.reorder_(rows)                         # every beam starts from its prompt's cache
+    engine.cache.reorder_(rows, max_len)                # every beam starts from its prompt's cache
     logits, positions = logits[rows], lengths[rows].clone()
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
     k = max(2, 1 + len(eos)) * nb
@@ -66,7 +67,7 @@ def beam_search(engine, logits, lengths, nb, max_new, eos, length_penalty, outpu
         improvable = improvable & (best_possible > worst_done).any(-1, keepdim=True)
         if t == max_new - 1 or not bool(improvable.any()) or bool(hits.all()):
             break
-        engine.cache.reorder_(running_rows.flatten())
+        engine.cache.reorder_(running_rows.flatten(), max_len + t)  # positions written so far
         logits = engine._decode(running[:, :, t].flatten(), positions)
         positions += 1
 

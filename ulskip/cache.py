@@ -14,7 +14,6 @@ class CompactKVCache:
                  head_dim: int, dtype: torch.dtype, device):
         self.kept_layers = list(kept_layers)
         self.slot = {layer: i for i, layer in enumerate(self.kept_layers)}
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         shape = (len(self.kept_layers), max_batch_size, num_kv_heads, max_seq_len, head_dim)
         # Zeros, not empty: masked keys get zero attention weight, and 0 * garbage could be NaN.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -29,8 +28,9 @@ class CompactKVCache:
         i = self.slot.get(layer)
         return None if i is None else (self.k[i, :batch], self.v[i, :batch])
 
-    def reorder_(self, index: torch.Tensor) -> None:
-        """Beam search: row b of the cache becomes old row index[b] (rows 0..len(index)-1)."""
+    def reorder_(self, index: torch.Tensor, length: int) -> None:
+        """Beam search: row b of the cache becomes old row index[b] (rows 0..len(index)-1); only the
+        first `length` positions are live, so only they are copied."""
         n = index.numel()
-        self.k[:, :n] = self.k[:, index]
-        self.v[:, :n] = self.v[:, index]
+        self.k[:, :n, :, :length] = self.k[:, index, :, :length]
+        self.v[:, :n, :, :length] = self.v[:, index, :, :length]

@@ -34,6 +34,7 @@ class ModelConfig:
     o_bias: bool = False             # Llama(attention_bias), Bloom
     mlp_bias: bool = False           # Llama(mlp_bias), Bloom
     residual_post_norm: bool = False  # Bloom's apply_residual_connection_post_layernorm
+    sliding_window: int | None = None  # Mistral / Qwen2 (use_sliding_window): keys older are masked
     torch_dtype: torch.dtype | None = None
     hf_config: object = field(default=None, repr=False, compare=False)  # for rope scaling functions
     ulskip: dict | None = None       # the section written by `ulskip train`, if any
@@ -86,7 +87,8 @@ def from_hf(hf_config) -> ModelConfig:
                        norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
                        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
                        qkv_bias=attention_bias or mt == "qwen2", o_bias=attention_bias,
-                       mlp_bias=bool(getattr(c, "mlp_bias", False)))
+                       mlp_bias=bool(getattr(c, "mlp_bias", False)),
+                       sliding_window=getattr(c, "sliding_window", None))
 
 
 def load_config(path: str) -> ModelConfig:

@@ -7,6 +7,7 @@ that schedule, so a decode step is one fixed program.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -55,6 +56,22 @@ def _choose_schedule(num_layers, target_speedup, schedule, strategy, section):
     return list(range(num_layers))
 
 
+def _plan(cfg, target_speedup, schedule, prefill, strategy):
+    """(kept layers, prefill mode, layers to load). Explicit arguments win; then the checkpoint's
+    `ulskip` section (written by `ulskip train`); else all layers with prefill="full"."""
+    section = cfg.ulskip or {}
+    kept = _choose_schedule(cfg.num_layers, target_speedup, schedule, strategy, section)
+    prefill = prefill or section.get("prefill", "full")
+    if prefill not in PREFILL_MODES:
+        raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+    load = list(range(cfg.num_layers)) if prefill == "full" else kept  # skip: never read the rest
+    return kept, prefill, load
+
+
+def _default_max_seq_len(cfg) -> int:
+    return min(cfg.max_position_embeddings, 2048, cfg.sliding_window or 2048)
+
+
 class Engine:
     def __init__(self, model, kept_layers, prefill: str = "full", max_batch_size: int = 8,
                  max_seq_len: int = 2048, tokenizer=None, cuda_graphs: bool = True):
@@ -67,6 +84,11 @@ class Engine:
         if max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
+        if cfg.sliding_window and max_seq_len > cfg.sliding_window:
+            # Within the window, sliding-window attention is plain causal attention; past it we would
+            # need the window mask in every attention kernel, which is not implemented.
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's sliding_window="
+                             f"{cfg.sliding_window}; sequences are limited to the window (not implemented past it)")
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.kept_layers = list(kept_layers)
         self.prefill_layers = list(range(cfg.num_layers)) if prefill == "full" else self.kept_layers
@@ -89,42 +111,33 @@ class Engine:
         `ulskip` section (written by `ulskip train`) decides the schedule and prefill mode; without
         that section all layers are kept."""
         cfg = load_config(path)
-        section = cfg.ulskip or {}
-        kept = _choose_schedule(cfg.num_layers, target_speedup, schedule,
-                                section.get("strategy", strategy) if target_speedup is None else strategy, section)
-        prefill = prefill or section.get("prefill", "full")
-        if prefill not in PREFILL_MODES:
-            raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        kept, prefill, load = _plan(cfg, target_speedup, schedule, prefill, strategy)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype) or (cfg.torch_dtype if device.type == "cuda" and cfg.torch_dtype
                                         else torch.float32)
-        load = list(range(cfg.num_layers)) if prefill == "full" else kept  # skip: never read the rest
         model = build_model(cfg, load, CheckpointTensors(path), dtype, device, where=repr(path))
         tokenizer = None
         if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if max_seq_len is None:
-            max_seq_len = min(cfg.max_position_embeddings, 2048)
+        max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
         return cls(model, kept, prefill, max_batch_size, max_seq_len, tokenizer, cuda_graphs)
 
     @classmethod
-    def from_hf_model(cls, hf_model, target_speedup=None, schedule=None, prefill="full",
+    def from_hf_model(cls, hf_model, target_speedup=None, schedule=None, prefill=None,
                       max_batch_size: int = 8, max_seq_len: int | None = None, strategy: str = "paper",
                       tokenizer=None, cuda_graphs: bool = True):
         """Build from a live transformers model (same device and dtype; fused weights are copies)."""
         cfg = from_hf(hf_model.config)
-        kept = _choose_schedule(cfg.num_layers, target_speedup, schedule, strategy, cfg.ulskip)
+        kept, prefill, load = _plan(cfg, target_speedup, schedule, prefill, strategy)
         state = hf_model.state_dict()
         p = next(hf_model.parameters())
-        load = list(range(cfg.num_layers)) if prefill == "full" else kept
 
         class _Dict:  # the loader's names()/get() view of a state dict
             names = state.keys
             get = state.__getitem__
         model = build_model(cfg, load, _Dict(), p.dtype, p.device, where="the model's state dict")
-        if max_seq_len is None:
-            max_seq_len = min(cfg.max_position_embeddings, 2048)
+        max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
         return cls(model, kept, prefill, max_batch_size, max_seq_len, tokenizer, cuda_graphs)
 
     @property
@@ -167,9 +180,10 @@ class Engine:
                 p = p.tolist()
             if not isinstance(p, (list, tuple)) or len(p) == 0:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.cfg.vocab_size for t in p):
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < self.cfg.vocab_size
+                       for t in p):
                 raise ValueError(f"prompt {i} must hold token ids in [0, {self.cfg.vocab_size}), got {p!r}")
-            out.append(list(p))
+            out.append([int(t) for t in p])
         return out
 
     def generate(self, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,

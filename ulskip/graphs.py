@@ -21,8 +21,8 @@ def buckets(max_batch_size: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, decode_fn, max_batch_size: int, max_seq_len: int, device):
         self.decode_fn, self.device = decode_fn, device
-        # Warm-up and padding rows write their K/V at the last cache position: a live sequence
-        # writes every position before it reads it, so that slot never leaks into its attention.
+        # The warm-up writes K/V at the last cache position of every row of the bucket: a live
+        # sequence writes every position before it reads it, so that slot never leaks into attention.
         self.scratch_pos = max_seq_len - 1
         self.sizes = buckets(max_batch_size)
         self.graphs = {}
@@ -50,9 +50,9 @@ class DecodeGraphs:
         if b not in self.graphs:
             self._capture(b)
         graph, logits = self.graphs[b]
-        # padding rows decode token 0 into cache rows that no sequence uses
+        # padding rows decode token 0 at position 0 (one key to read) into cache rows no sequence uses
         self.tokens[n:b].zero_()
-        self.positions[n:b].fill_(self.scratch_pos)
+        self.positions[n:b].zero_()
         self.tokens[:n].copy_(tokens)
         self.positions[:n].copy_(positions)
         graph.replay()

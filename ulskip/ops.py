@@ -7,7 +7,12 @@ Layouts (B batch, T new tokens, S cache length, H heads, D head dim):
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -120,44 +125,27 @@ def sample_ref(logits, temperature, top_k, top_p, generator=None) -> torch.Tenso
     """Draw one token per row without a host sync: argmax(p / E), E ~ Exp(1), is a draw from p."""
     probs = torch.softmax(filter_logits_ref(logits, temperature, top_k, top_p), dim=-1)
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    return torch.argmax(probs / noise, dim=-1)
+    # a filtered token has p == 0; should E ever be exactly 0, 0/0 = NaN would win argmax: keep it out
+    return torch.argmax((probs / noise).masked_fill(probs == 0, -1.0), dim=-1)
 
 
 # ============================================================================= dispatch
-# The engine calls these; each picks the fastest implementation for the tensor's device.
-def rotary(x, cos, sin):
-    return rotary_ref(x, cos, sin)
-
-
-def cache_write(k_cache, v_cache, k, v, positions) -> None:
-    """Compiled op of ulskip._C (csrc/cache_write.*), CPU and CUDA."""
-    from ulskip import _ext
-    _ext.cache_write(k_cache, v_cache, k, v, positions)
-
-
-# ============================================================================= dispatch: Triton
-# One entry point per op: Triton kernels from `ulskip.kernels` for CUDA tensors (when triton imports),
-# the references above everywhere else. Triton is imported lazily, so CPU users without triton can
-# import this module. ULSKIP_NO_TRITON=1 forces the references (debugging).
-import functools as _functools
-import importlib as _importlib
-import os as _os
-
-
-@_functools.lru_cache(maxsize=None)
+# One entry point per op, what the engine calls: Triton kernels from `ulskip.kernels` for CUDA tensors
+# (when triton imports), the references above everywhere else; the KV-cache write is the compiled op
+# of ulskip._C on every device. Triton is imported lazily, so CPU users without triton can import this
+# module. ULSKIP_NO_TRITON=1 forces the references (debugging).
+@functools.lru_cache(maxsize=None)
 def kernels_package():
     """`ulskip.kernels` (the repo's kernels/ folder, mapped by setup.py's package_dir). When the package
     is not installed (a plain source checkout on sys.path), load that folder under the same name."""
     try:
-        return _importlib.import_module("ulskip.kernels")
+        return importlib.import_module("ulskip.kernels")
     except ModuleNotFoundError as e:
         if e.name != "ulskip.kernels":
             raise
-    import importlib.util
-    import sys
-    root = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
-    init = _os.path.join(root, "__init__.py")
-    if not _os.path.isfile(init):
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(root, "__init__.py")
+    if not os.path.isfile(init):
         raise ModuleNotFoundError("ulskip.kernels is not installed and no kernels/ folder is next to ulskip/",
                                   name="ulskip.kernels")
     spec = importlib.util.spec_from_file_location("ulskip.kernels", init, submodule_search_locations=[root])
@@ -169,12 +157,12 @@ def kernels_package():
 
 def _kernel(name: str):
     kernels_package()
-    return _importlib.import_module(f"ulskip.kernels.{name}")
+    return importlib.import_module(f"ulskip.kernels.{name}")
 
 
-@_functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _triton_ok() -> bool:
-    if _os.environ.get("ULSKIP_NO_TRITON", "0") not in ("", "0"):
+    if os.environ.get("ULSKIP_NO_TRITON", "0") not in ("", "0"):
         return False
     try:
         import triton  # noqa: F401
@@ -185,6 +173,17 @@ def _triton_ok() -> bool:
 
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and _triton_ok()
+
+
+def rotary(x, cos, sin):
+    """Rotary on the prompt pass (elementwise, compute-bound there); decode uses rotary_cache_write."""
+    return rotary_ref(x, cos, sin)
+
+
+def cache_write(k_cache, v_cache, k, v, positions) -> None:
+    """Compiled op of ulskip._C (csrc/cache_write*.c*), CPU and CUDA."""
+    from ulskip import _ext
+    _ext.cache_write(k_cache, v_cache, k, v, positions)
 
 
 def rms_norm(x, weight, eps):
@@ -246,9 +245,12 @@ def gelu_tanh(x):
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Token ids [B] (int64) from logits [B, V]; temperature 0 or top_k 1 is greedy. No host sync."""
-    if _use_triton(logits):
-        return _kernel("sampling").sample(logits, temperature, top_k, top_p, generator)
+    """Token ids [B] (int64) from logits [B, V]; temperature 0 or top_k 1 is greedy. No host sync.
+
+    The same torch ops on every device: each step is one device kernel already (topk, sort, softmax,
+    cumsum, exponential_, argmax) and the noise must come from a seeded torch.Generator, so a Triton
+    kernel would not pay. Known cost: top-p sorts the vocabulary, ~0.45-0.57 ms per step on an H200
+    (bench/results/kernel_bench_h200.md), which a sort-free threshold search could remove."""
     if temperature == 0 or top_k == 1:
         return torch.argmax(logits, dim=-1)
     return sample_ref(logits, temperature, top_k, top_p, generator)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 STRATEGIES = ("paper", "even")
 
@@ -50,9 +51,9 @@ def uls_schedule(num_layers: int, target_speedup: float, strategy: str = "paper"
 def validate_schedule(num_layers: int, kept_layers) -> list[int]:
     """Check a user-given schedule: distinct, sorted-able layer indices in [0, L) including 0 and L-1."""
     try:
-        kept = sorted(int(i) for i in kept_layers)
-    except (TypeError, ValueError):
-        raise ValueError(f"schedule must be a list of layer indices, got {kept_layers!r}") from None
+        kept = sorted(operator.index(i) for i in kept_layers)  # integers only: 2.5 is not a layer
+    except TypeError:
+        raise ValueError(f"schedule must be a list of integer layer indices, got {kept_layers!r}") from None
     if len(set(kept)) != len(kept) or not kept or kept[0] < 0 or kept[-1] >= num_layers:
         raise ValueError(f"schedule must hold distinct layer indices in [0, {num_layers - 1}], "
                          f"got {list(kept_layers)!r}")

@@ -1,39 +1,23 @@
-"""Import `ulskip.kernels.<name>` (the repo's kernels/ folder, mapped by setup.py).
+"""The one rule for when the training code runs its Triton kernels (`use_triton`).
 
-In a source checkout that was not pip-installed, `ulskip.kernels` is not importable as such; then the
-folder next to the package is registered under that name (never as a top-level `kernels`).
+The kernels themselves are loaded with `ulskip.ops._kernel(name)` (which also maps the repo's kernels/
+folder to `ulskip.kernels` in a plain source checkout).
+
+Why not `ulskip.ops._use_triton`: that one is for the inference engine and means "CUDA tensor and triton
+imports" only. Training additionally runs the kernels on any device under TRITON_INTERPRET=1 (Triton's
+CPU interpreter), which is how the CPU tests check every training kernel against PyTorch autograd. Both
+rules share `ulskip.ops._triton_ok()` (triton imports and ULSKIP_NO_TRITON is not set).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import sys
+
+import torch
+
+from ulskip import ops
 
 
-def load(name: str):
-    try:
-        return importlib.import_module(f"ulskip.kernels.{name}")
-    except ModuleNotFoundError as e:
-        if e.name not in ("ulskip.kernels", f"ulskip.kernels.{name}"):
-            raise
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "kernels")
-    init = os.path.join(folder, "__init__.py")
-    if "ulskip.kernels" not in sys.modules and os.path.exists(init):
-        spec = importlib.util.spec_from_file_location("ulskip.kernels", init,
-                                                      submodule_search_locations=[folder])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["ulskip.kernels"] = mod
-        spec.loader.exec_module(mod)
-        import ulskip
-        ulskip.kernels = mod
-    return importlib.import_module(f"ulskip.kernels.{name}")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the Triton kernels should handle tensor `t`: triton is usable (ulskip.ops._triton_ok)
+    and `t` is on CUDA, or TRITON_INTERPRET=1 (the interpreter runs them on CPU tensors too)."""
+    return ops._triton_ok() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import torch
 
+# The engine's list (one definition): importing ulskip.engine costs only ulskip's own modules on top of
+# torch, which this module needs anyway (about 10 ms, no other third-party package).
+from ulskip.engine import PREFILL_MODES
 from ulskip.schedule import STRATEGIES, layer_speedup, uls_schedule, validate_schedule
 from ulskip.train.patching import install_forward, model_type, patch_model
-
-PREFILL_MODES = ("full", "skip")
 
 
 def decoder_layers(model):

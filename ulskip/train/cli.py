@@ -115,6 +115,15 @@ def _zero_stage(path) -> int:
         return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
 
 
+def _fused_patch_kwargs(args) -> dict:
+    """patch_model's switches for --use_fused_kernels. ZeRO-3 gathers a weight only inside its own
+    module's forward (a pre-forward hook). The norm and SwiGLU/GeLU patches read only their own
+    module's parameters in that module's forward (SwiGLU calls gate_proj/up_proj as modules), so they
+    stay on; the fused loss reads the LM head's weight outside the head's forward, so ZeRO-3 leaves it
+    out (the model's own loss runs instead)."""
+    return {"norm": True, "activation": True, "cross_entropy": _zero_stage(args.deepspeed) < 3}
+
+
 def _resume_path(args):
     r = args.resume_from_checkpoint
     if r is None:
@@ -150,6 +159,9 @@ def build_trainer(args):
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
+    # TrainingArguments before the model: with a ZeRO-3 --deepspeed config this registers it, so that
+    # from_pretrained partitions the weights while loading (zero.Init) instead of each rank loading all.
+    targs = _training_args(args)
     dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
     if args.freeze_emb:
@@ -158,11 +170,12 @@ def build_trainer(args):
     apply_uls(model, target_speedup=args.target_speedup, strategy=args.strategy, prefill=args.prefill)
     if fused:
         from ulskip.train.patching import patch_model
-        # ZeRO-3 gathers a weight only inside its module's forward; the fused loss reads the LM head
-        # outside it, so under ZeRO-3 only the norm/activation kernels are patched in.
-        patch_model(model, cross_entropy=_zero_stage(args.deepspeed) < 3)
+        kw = _fused_patch_kwargs(args)
+        if not kw["cross_entropy"]:
+            print("ulskip train: ZeRO-3: the fused linear cross-entropy is off (it reads the LM head outside "
+                  "its forward); the norm and activation kernels are on", file=sys.stderr)
+        patch_model(model, **kw)
 
-    targs = _training_args(args)
     trainer = Trainer(model=model, args=targs, train_dataset=dataset,
                       data_collator=ULSCollator(pad, pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None),
                       processing_class=tokenizer)

@@ -121,7 +121,14 @@ class ULSDataset(torch.utils.data.Dataset):
 class StreamingULSDataset(torch.utils.data.IterableDataset):
     """Records read and tokenized lazily, file by file (for data larger than memory). A bad record
     raises when it is reached. Each pass re-reads the files; `seed` and `set_epoch` shuffle the order
-    of the files from epoch to epoch."""
+    of the files from epoch to epoch.
+
+    DataLoader workers: worker w of N yields records w, w+N, w+2N, ... of the pass (every worker reads
+    the files, each tokenizes only its own records), so each record comes once per pass, not N times.
+    Processes (DDP/DeepSpeed ranks) are not sharded here: under transformers' Trainer, accelerate does
+    that for an IterableDataset (rank 0 reads and dispatches the batches by default, or each rank keeps
+    its slice of every batch through IterableDatasetShard); sharding by rank here as well would drop
+    records."""
 
     def __init__(self, files, tokenizer, block_size: int, seed: int = 0):
         self.files, self.tokenizer, self.block_size, self.seed = list(files), tokenizer, block_size, seed
@@ -135,9 +142,14 @@ class StreamingULSDataset(torch.utils.data.IterableDataset):
         if self.epoch:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = 0
         for path in order:
             for where, rec in iter_records(path):
-                yield encode(self.tokenizer, rec, self.block_size, where)
+                if i % workers == worker:
+                    yield encode(self.tokenizer, rec, self.block_size, where)
+                i += 1
 
 
 class ULSCollator:

@@ -2,7 +2,8 @@
 [tokens, vocab] logits (DESIGN.md: Bloom's 250k vocabulary makes those logits the largest tensor).
 
 Gradients are made in the forward chunk by chunk (see kernels/fused_linear_cross_entropy.py); the row
-work (log-sum-exp, loss, softmax - onehot) runs in the Triton kernel on CUDA and in PyTorch elsewhere.
+work (log-sum-exp, loss, softmax - onehot) runs in the Triton kernel on CUDA (or under TRITON_INTERPRET=1)
+and in PyTorch elsewhere.
 Only rows whose target is not `ignore_index` are computed at all: with ULS fine-tuning the prefix
 tokens, often most of a sequence, cost no head GEMM.
 """
@@ -12,6 +13,7 @@ import math
 
 import torch
 
+from ulskip.ops import _kernel
 from ulskip.train import _kernels
 
 
@@ -58,7 +60,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         V = weight.shape[0]
         need_w = weight.requires_grad
         need_b = bias is not None and bias.requires_grad
-        row_fn = _kernels.load("fused_linear_cross_entropy").ce_grad_rows_ if use_triton else ce_grad_rows_torch_
+        row_fn = _kernel("fused_linear_cross_entropy").ce_grad_rows_ if use_triton else ce_grad_rows_torch_
         with torch.autocast(h.device.type, enabled=False):
             hc_all = h.to(dt)
             w = weight.to(dt)
@@ -100,7 +102,8 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index: 
     hidden [.., H]; target [..] (same leading shape); weight [V, H]. reduction "mean" (over rows whose
     target is not ignore_index) or "sum"; num_items_in_batch (int or tensor) overrides it with
     sum / num_items_in_batch, as transformers' loss does under gradient accumulation. The result is an
-    fp32 scalar. use_triton: None picks the Triton kernel on CUDA, PyTorch elsewhere.
+    fp32 scalar. use_triton: None follows `ulskip.train._kernels.use_triton` (the Triton kernel on CUDA or
+    under TRITON_INTERPRET=1, PyTorch elsewhere).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -128,7 +131,7 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index: 
         return (hidden.sum() * 0.0).float()
     hk = h2.index_select(0, keep)
     if use_triton is None:
-        use_triton = hidden.is_cuda and _kernels.triton_available()
+        use_triton = _kernels.use_triton(hidden)
     chunk = int(chunk_rows) if chunk_rows else default_chunk_rows(n, H, V)
     return LinearCrossEntropyFunction.apply(hk, weight, bias, tk, 1.0 / denom, chunk, bool(use_triton),
                                             int(ignore_index))

@@ -3,31 +3,32 @@
 What gets replaced (forward methods of module instances; parameters and state-dict keys unchanged):
   RMSNorm (Llama/Mistral/Qwen2)  -> RMSNormFunction: Triton forward (kernels/norm.py), Triton backward
   LayerNorm (Bloom)              -> LayerNormFunction: same, kernels/norm_backward.py
-  SwiGLU MLP (Llama family)      -> one GEMM on the concatenated gate/up weights, SiluMulFunction
-                                    (kernels/activation.py forward, kernels/activation_backward.py)
+  SwiGLU MLP (Llama family)      -> gate_proj(x) and up_proj(x) called as modules (their hooks run:
+                                    DeepSpeed ZeRO-3 gathers the weights, adapters apply), then
+                                    SwiGLUFunction: silu(gate) * up, Triton forward and backward
+                                    (kernels/activation_backward.py silu_mul_split[_backward])
   Bloom GeLU                     -> GeluTanhFunction
   LM head + loss                 -> chunked fused linear + cross-entropy (ulskip.train.fused_ce) when
                                     labels are given: no [tokens, vocab] logits, logits=None returned
-The Triton pieces run on CUDA tensors (or anywhere under TRITON_INTERPRET=1); on other devices the
-patched modules fall back to their original forward, and the fused cross-entropy uses its PyTorch path.
+The Triton pieces run where `ulskip.train._kernels.use_triton` says (CUDA tensors, or anywhere under
+TRITON_INTERPRET=1); elsewhere the patched modules fall back to their original forward, and the fused
+cross-entropy uses its PyTorch path.
+Every patched module reads only its own parameters inside its own forward, so the norm/activation patches
+are safe under DeepSpeed ZeRO-3; the fused loss reads the LM head's weight outside the head's forward,
+so it is not (`ulskip train` leaves it out under ZeRO-3).
 """
 from __future__ import annotations
 
-import os
 import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ulskip.config import check_model_type
+from ulskip.ops import _kernel
 from ulskip.train import _kernels
 from ulskip.train.fused_ce import fused_linear_cross_entropy
-
-SUPPORTED = ("llama", "mistral", "qwen2", "bloom")
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _autocast_on(t: torch.Tensor) -> bool:
@@ -41,7 +42,7 @@ def _autocast_on(t: torch.Tensor) -> bool:
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y = _kernels.load("norm").rms_norm(x, weight, eps)
+        y = _kernel("norm").rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
         return y
@@ -49,14 +50,14 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx, dw = _kernels.load("norm_backward").rms_norm_backward(dy, x, weight, ctx.eps)
+        dx, dw = _kernel("norm_backward").rms_norm_backward(dy, x, weight, ctx.eps)
         return dx, (dw if ctx.needs_input_grad[1] else None), None
 
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        y = _kernels.load("norm").layer_norm(x, weight, bias, eps)
+        y = _kernel("norm").layer_norm(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias)
         ctx.eps = eps
         return y
@@ -64,46 +65,50 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
-        dx, dw, db = _kernels.load("norm_backward").layer_norm_backward(dy, x, weight, bias, ctx.eps)
+        dx, dw, db = _kernel("norm_backward").layer_norm_backward(dy, x, weight, bias, ctx.eps)
         return (dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None, None)
 
 
-class SiluMulFunction(torch.autograd.Function):
-    """gate_up [.., 2I] -> silu(gate) * up [.., I]."""
+class SwiGLUFunction(torch.autograd.Function):
+    """gate, up [.., I] (the outputs of gate_proj and up_proj) -> silu(gate) * up [.., I].
+
+    Two inputs rather than one [.., 2I] tensor: concatenating the projection outputs would cost an extra
+    read and write of 2I per token (and splitting the gradient back another), while the kernel reads the
+    two tensors where they are."""
 
     @staticmethod
-    def forward(ctx, gate_up):
-        ctx.save_for_backward(gate_up)
-        return _kernels.load("activation").silu_mul(gate_up)
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _kernel("activation_backward").silu_mul_split(gate, up)
 
     @staticmethod
     def backward(ctx, dy):
-        (gate_up,) = ctx.saved_tensors
-        return _kernels.load("activation_backward").silu_mul_backward(dy, gate_up)
+        gate, up = ctx.saved_tensors
+        return _kernel("activation_backward").silu_mul_split_backward(dy, gate, up)
 
 
 class GeluTanhFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return _kernels.load("activation").gelu_tanh(x)
+        return _kernel("activation").gelu_tanh(x)
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return _kernels.load("activation_backward").gelu_tanh_backward(dy, x)
+        return _kernel("activation_backward").gelu_tanh_backward(dy, x)
 
 
 # ----------------------------------------------------------------------------- patched forwards
 def _rms_forward(self, hidden_states):
-    if not _use_triton(hidden_states):
+    if not _kernels.use_triton(hidden_states):
         return self._ulskip_orig_forward(hidden_states)
     eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
     return RMSNormFunction.apply(hidden_states, self.weight, float(eps))
 
 
 def _ln_forward(self, x):
-    if not _use_triton(x):
+    if not _kernels.use_triton(x):
         return self._ulskip_orig_forward(x)
     w, b = self.weight, self.bias
     if _autocast_on(x):  # F.layer_norm autocasts to fp32; keep that contract
@@ -114,16 +119,18 @@ def _ln_forward(self, x):
 
 
 def _swiglu_forward(self, x):
-    if not _use_triton(x):
+    if not _kernels.use_triton(x):
         return self._ulskip_orig_forward(x)
-    g, u = self.gate_proj, self.up_proj
-    w = torch.cat([g.weight, u.weight], dim=0)
-    b = torch.cat([g.bias, u.bias], dim=0) if g.bias is not None else None
-    return self.down_proj(SiluMulFunction.apply(F.linear(x, w, b)))
+    # Call the projections as modules, never read their weights here: under ZeRO-3 a weight is gathered
+    # only inside its own module's forward (pre-forward hook), and adapters/hooks must see the call.
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.dtype != up.dtype:  # e.g. one projection swapped for a module of another precision
+        up = up.to(gate.dtype)
+    return self.down_proj(SwiGLUFunction.apply(gate, up))
 
 
 def _gelu_forward(self, x):
-    if not _use_triton(x):
+    if not _kernels.use_triton(x):
         return self._ulskip_orig_forward(x)
     return GeluTanhFunction.apply(x)
 
@@ -136,8 +143,7 @@ def _set_forward(module: nn.Module, fn) -> None:
 
 def model_type(model) -> str:
     mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in SUPPORTED:
-        raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
+    check_model_type(mt, "the model config")
     return mt
 
 
