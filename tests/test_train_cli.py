@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from test_train_common import make_checkpoint, make_tokenizer, make_model, read_log_losses, records, write_jsonl
 from ulskip.cli import main
-from ulskip.train.data import DataError, ULSCollator, ULSDataset, resolve_files
+from ulskip.train.data import DataError, StreamingULSDataset, ULSCollator, ULSDataset, resolve_files
 
 COMMON = ["--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--warmup_ratio", "0",
           "--lr_scheduler_type", "constant", "--logging_steps", "5", "--seed", "0"]
@@ -161,6 +161,36 @@ def test_collator_labels_and_prefix_lengths(ckpt, data):
         assert ex["input_ids"][0] == tok.bos_token_id and ex["input_ids"][-1] == tok.eos_token_id
     with pytest.raises(DataError, match="matches no files"):
         resolve_files("/nonexistent/*.jsonl")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_streaming_each_record_once(data, num_workers):
+    """--streaming with --dataloader_num_workers N: each DataLoader worker yields its own share of the
+    records, so one pass holds every record exactly once (not N times); also after set_epoch."""
+    tok = make_tokenizer()
+    files = resolve_files(data)
+    want = sorted(tuple(ex["input_ids"]) for ex in ULSDataset(files, tok, block_size=64))
+    ds = StreamingULSDataset(files, tok, block_size=64, seed=0)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+        got = sorted(tuple(ex["input_ids"]) for ex in loader)
+        assert got == want, epoch
+
+
+def test_zero3_fused_kernels(tmp_path):
+    """Under ZeRO-3 `--use_fused_kernels` keeps the norm and activation kernels (they read only their own
+    module's weights inside its forward) and leaves out only the fused loss (it reads the LM head's
+    weight outside the head's forward)."""
+    from argparse import Namespace
+    from ulskip.train.cli import _fused_patch_kwargs
+
+    for stage, fused_ce in ((0, True), (2, True), (3, False)):
+        cfg = tmp_path / f"ds{stage}.json"
+        cfg.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        kw = _fused_patch_kwargs(Namespace(deepspeed=str(cfg)))
+        assert kw == {"norm": True, "activation": True, "cross_entropy": fused_ce}, stage
+    assert _fused_patch_kwargs(Namespace(deepspeed=None))["cross_entropy"]
 
 
 @pytest.mark.gpu

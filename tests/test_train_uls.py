@@ -9,39 +9,28 @@ import torch
 from transformers import DynamicCache
 
 from test_train_common import make_model
+from tiny_models import _cache_kw, _out_cache, reduced_copy
 from ulskip import uls_schedule
 from ulskip.train import apply_uls, decoder_layers
 
 LENS = [(5, 4), (2, 8), (9, 1), (3, 3)]  # (prefix, response) per row
 
 
-def _reduced(model, kept):
-    m = copy.deepcopy(model)
-    layers = torch.nn.ModuleList([decoder_layers(m)[i] for i in kept])
-    for j, layer in enumerate(layers):
-        (getattr(layer, "self_attn", None) or layer.self_attention).layer_idx = j
-    if hasattr(m, "transformer"):
-        m.transformer.h = layers
-        m.config.n_layer = len(kept)
-    else:
-        m.model.layers = layers
-        m.config.num_hidden_layers = len(kept)
-    return m
-
-
 @torch.no_grad()
 def reference_logits(model, seq, P, kept, prefill):
-    small = _reduced(model, kept)
+    """Teacher-forced logits of the whole sequence (tiny_models.reference_decode decodes greedily, so it
+    does not fit here): the prefix through the full model, the response through the reduced copy."""
+    small = reduced_copy(model, kept)
     ids = torch.tensor([seq])
     if prefill == "skip":
         return small(ids).logits[0].float()
     out = model(ids[:, :P], use_cache=True)
     cache = DynamicCache()
     for j, i in enumerate(kept):
-        layer = out.past_key_values.layers[i]
+        layer = _out_cache(out).layers[i]
         cache.update(layer.keys, layer.values, j)
-    o = small(ids[:, P:], past_key_values=cache, use_cache=True, position_ids=torch.arange(P, len(seq))[None],
-              attention_mask=torch.ones(1, len(seq), dtype=torch.long))
+    o = small(ids[:, P:], use_cache=True, position_ids=torch.arange(P, len(seq))[None],
+              attention_mask=torch.ones(1, len(seq), dtype=torch.long), **{_cache_kw(small): cache})
     return torch.cat([out.logits[0], o.logits[0]]).float()
 
 
