@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command every GPU run uses: build, GPU tests, kernel and engine benchmarks, logs under $OUT.
 #   bash bench/gpu_check.sh STAGE...   stages: build test kbench quick llama llamac bloom bloomc train
-# train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile
+# train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile, recheck = short ulskip vs HF eager re-run
 # (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile)
 # Every stage logs to $OUT/<stage>.log; the summary table comes last.
 set -uo pipefail
@@ -30,14 +30,15 @@ for s in "${STAGES[@]}"; do
   case $s in
     build)  stage build 90 "bash bench/gpu_build.sh"
             [ "${RC[build]}" = 0 ] || { echo "build failed: stopping"; break; } ;;
-    test)   stage test 120 "python3 -m pytest -q -m gpu tests" ;;
+    test)   stage test 100 "python3 -m pytest -q -m gpu tests" ;;
     kbench) stage kbench 120 "python3 bench/kernel_bench.py --out $OUT/kernel_bench.md" ;;
     quick)  stage quick 200 "$BENCH --model llama-2-7b --systems ulskip --json $OUT/quick.json" ;;
+    recheck) stage recheck 120 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-skip --target-speedups 1,2 --batch-sizes 1,16 --json $OUT/recheck.json" ;;
     llama)  stage llama 200 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/llama-2-7b.a.json" ;;
     llamac) stage llamac 280 "$BENCH --model llama-2-7b --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/llama-2-7b.b.json" ;;
     bloom)  stage bloom 170 "$BENCH --model bloom-7b1 --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/bloom-7b1.a.json" ;;
     bloomc) stage bloomc 230 "$BENCH --model bloom-7b1 --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/bloom-7b1.b.json" ;;
-    train)  stage train 150 "python3 bench/train_bench.py --out $OUT/train_bench.json" ;;
+    train)  stage train 60 "python3 bench/train_bench.py --out $OUT/train_bench.json" ;;
     train2) stage train2 150 "CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 bench/train_bench.py --out $OUT/train_bench_x2.json" ;;
     prof)   stage prof 120 "python3 bench/profile_decode.py" ;;
     *) echo "unknown stage $s"; exit 2 ;;
