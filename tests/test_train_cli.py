@@ -63,6 +63,12 @@ def test_engine_runs_trained_schedule(trained):
     assert tok.decode(out.sequences[0][:5]) in {r["text"] for r in records()}  # it learned the data's form
 
 
+def test_ulskip_generate_runs_trained_schedule(trained, capsys):
+    assert main(["generate", trained, "--prompt", records()[0]["prefix"], "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kept_layers"] == [0, 3] and out["prefill"] == "full" and isinstance(out["texts"][0], str)
+
+
 @pytest.mark.parametrize("family,prefill", [("llama", "full"), ("llama", "skip"), ("bloom", "full"),
                                             ("bloom", "skip")])
 def test_train_infer_consistency(tmp_path, family, prefill):
