@@ -4,7 +4,7 @@ import torch
 
 import ulskip
 from ulskip import Engine
-from tiny_models import FAMILIES, make_hf_model, reduced_copy, reference_decode, save
+from tiny_models import FAMILIES, make_hf_model, reduced_copy, reference_decode, save, uls_reference_model
 
 PROMPT = [1, 17, 33, 5, 78, 12, 9]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -172,3 +172,24 @@ def test_generation_stops_early_once_every_sequence_hit_eos(ckpt, monkeypatch):
     out = eng.generate([PROMPT] * 3, max_new_tokens=40, eos_token_id=eos)
     assert out.sequences == [[eos]] * 3
     assert len(calls) <= 8  # EOS is looked at every 8 steps (one host sync), not after all 40
+
+
+def test_beam_search_with_skipping_equals_transformers(ckpt):
+    """The paper's setting: prefill="full", 2x, 4 beams. Reference: transformers' own beam search on
+    a reduced copy whose prompt pass runs the full model (tiny_models.uls_reference_model)."""
+    family, model, path = ckpt
+    kept = ulskip.uls_schedule(6, 2)
+    ref_model = uls_reference_model(model, kept)
+    eng = Engine.from_pretrained(path, target_speedup=2, max_seq_len=64, max_batch_size=8)
+    prompts, eos = [PROMPT, [4, 8, 15, 16, 23]], 7
+    out = eng.generate(prompts, max_new_tokens=8, num_beams=4, eos_token_id=eos, output_scores=True)
+    for i, p in enumerate(prompts):
+        ref = ref_model.generate(torch.tensor([p]), max_new_tokens=8, num_beams=4, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        seq = ref.sequences[0, len(p):].tolist()
+        assert out.sequences[i] == (seq[:seq.index(eos) + 1] if eos in seq else seq)
+        # logits of the 4 running beams of this prompt, step by step (while both still run)
+        _close([s[4 * i:4 * i + 4].cpu() for s in out.scores[:len(ref.logits)]], [l.float() for l in ref.logits])
+    full = model.generate(torch.tensor([PROMPT]), max_new_tokens=2, num_beams=4, do_sample=False, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+    assert not torch.allclose(full.logits[1].float(), out.scores[1][:4].cpu(), atol=1e-3)  # skipping mattered

@@ -101,3 +101,31 @@ def reference_decode(model, prompt, kept, steps, prefill="full"):
                   attention_mask=torch.ones(1, pos + 1, dtype=torch.long), **{_cache_kw(small): cache})
         cache, logits = _out_cache(o), o.logits[0, -1].float()
     return tokens, scores
+
+
+def uls_reference_model(model, kept):
+    """A transformers model that generates with ULS semantics (prefill="full"), for transformers' own
+    generate() (beam search included): the reduced copy, whose prompt pass is delegated to the full
+    model, keeping only the kept layers' cache entries in the cache object generate() handed in."""
+    small = reduced_copy(model, kept)
+    decode = small.forward
+
+    def forward(input_ids=None, **kw):
+        key = next((k for k in ("cache", "past_key_values") if kw.get(k) is not None), None)
+        cache = kw.get(key) if key else None
+        if cache is None or cache.get_seq_length() > 0:
+            return decode(input_ids=input_ids, **kw)
+        full_kw = {k: v for k, v in kw.items() if k not in (key, "use_cache")}
+        out = model(input_ids=input_ids, use_cache=True, **full_kw)
+        for j, i in enumerate(kept):
+            layer = _out_cache(out).layers[i]
+            cache.update(layer.keys, layer.values, j)
+        out[_out_key(out)] = cache
+        return out
+
+    small.forward = forward
+    return small
+
+
+def _out_key(out):
+    return "cache" if "cache" in out else "past_key_values"
