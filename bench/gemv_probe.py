@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from cuda_timing import graph_us
+
 
 @triton.jit
 def _gemv_kernel(X, W, Y, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -43,35 +45,13 @@ def gemv(x, w, block_n, block_k, warps, stages, out=None):
     return y
 
 
-def graph_us(fn, reps=10, iters=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1000 / iters / reps
-
-
 def main():
     dev, dt = torch.device("cuda"), torch.bfloat16
     big = torch.randint(0, 255, (2**30,), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(big)
     for _ in range(20):  # let the clocks ramp up before anything is timed
         dst.copy_(big)
-    copy_us = graph_us(lambda: dst.copy_(big), reps=2, iters=10)
+    copy_us = graph_us(lambda: dst.copy_(big), reps=2, iters=10, warmup=2)
     bw = 2 * big.numel() / (copy_us * 1e-6) / 1e9
     print(f"copy bandwidth {bw:.0f} GB/s")
     shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
@@ -89,12 +69,12 @@ def main():
             def nxt():
                 i[0] = (i[0] + 1) % len(ws)
                 return ws[i[0]]
-            t_cublas = graph_us(lambda: F.linear(x, nxt()))
+            t_cublas = graph_us(lambda: F.linear(x, nxt()), warmup=2)
             best = None
             for cfg in configs:
                 try:
                     err = (gemv(x, ws[0], *cfg).float() - F.linear(x, ws[0]).float()).abs().max().item()
-                    t = graph_us(lambda: gemv(x, nxt(), *cfg))
+                    t = graph_us(lambda: gemv(x, nxt(), *cfg), warmup=2)
                 except Exception as e:  # a config that does not compile (shared memory) is skipped
                     print(f"  skip {cfg}: {type(e).__name__}")
                     continue

@@ -15,40 +15,7 @@ import torch
 from ulskip import Engine
 from ulskip.bench_models import build_hf_model
 
-
-def graph_time_us(fn, iters=200):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters / 10
-
-
-def events_time_us(fn, iters=50):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
+from cuda_timing import events_us, graph_us
 
 
 def main():
@@ -67,7 +34,7 @@ def main():
     eng.generate(prompts, max_new_tokens=4)  # capture the graph, fill the cache up to ~132
     tok = torch.full((B,), 5, device=dev, dtype=torch.long)
     pos = torch.full((B,), 192, device=dev, dtype=torch.long)
-    replay_us = events_time_us(lambda: eng._decode(tok, pos))
+    replay_us = events_us(lambda: eng._decode(tok, pos))
     eng._decode_eager(tok, pos)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -95,7 +62,7 @@ def main():
     kc, vc = (torch.randn(B, 32, 256, 128, device=dev, dtype=dt) for _ in range(2))
     lens = torch.full((B,), 192, device=dev, dtype=torch.int32)
     for splits in (1, 2, 4, 8):
-        us = graph_time_us(lambda: decode_attention(q, kc, vc, lens, 128 ** -0.5, num_splits=splits))
+        us = graph_us(lambda: decode_attention(q, kc, vc, lens, 128 ** -0.5, num_splits=splits), iters=200)
         print(f"| {splits} | {us:.1f} |")
 
 
