@@ -3,7 +3,8 @@
     python bench/kernel_bench.py [--dtype bf16] [--sweep] [--out bench/kernel_bench.md]
 
 Each kernel is timed with triton.testing.do_bench (median, L2 flushed between runs) next to the PyTorch
-reference of ulskip.ops on the same tensors. GB/s = bytes the kernel must move (each input read once,
+reference of ulskip.ops on the same tensors (for the fused GEMVs: the Triton norm / activation kernel
+followed by cuBLAS's F.linear, i.e. what the engine ran before them). GB/s = bytes the kernel must move (each input read once,
 each output written once) / time; "% copy" compares with a large device-to-device copy measured here
 (read + write bytes over its time), the bandwidth the decode roofline of DESIGN.md §4 uses. Decode is
 memory-bound, so % copy is the figure of merit; at batch 1 the small kernels are launch-bound (a few us)
@@ -70,8 +71,7 @@ def main(argv=None):
             return statistics.median(ts)
 
     kp = ops.kernels_package()  # noqa: F841
-    from ulskip import ops
-    from ulskip.kernels import activation, decode_attention, norm, rotary
+    from ulskip.kernels import activation, decode_attention, gemv, norm, rotary
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     el = torch.finfo(dt).bits // 8
@@ -111,6 +111,30 @@ def main(argv=None):
         g4 = rnd(B, BLOOM_4H)
         row("gelu_tanh", f"[{B},{BLOOM_4H}]", 2 * B * BLOOM_4H * el, lambda: activation.gelu_tanh(g4),
             lambda: ops.gelu_tanh_ref(g4))
+        if B <= gemv.MAX_ROWS:  # projections with the op before them fused (decode sizes), vs cuBLAS + kernel
+            xs = rnd(B, HIDDEN)
+            for pname, N, K, pro in (("qkv", (HQ + 2 * HKV_MHA) * D, HIDDEN, gemv.ADD_RMS_NORM),
+                                     ("o", HIDDEN, HQ * D, gemv.PLAIN),
+                                     ("gate_up", 2 * INTER, HIDDEN, gemv.ADD_RMS_NORM),
+                                     ("down", HIDDEN, INTER, gemv.SILU_MUL),
+                                     ("lm_head", VOCAB, HIDDEN, gemv.ADD_RMS_NORM)):
+                W = rnd(N, K) * K ** -0.5
+                if pro == gemv.ADD_RMS_NORM:
+                    fn = lambda W=W: gemv.fused_gemv(xs, W, None, gemv.ADD_RMS_NORM, r, w, 1e-6)
+                    ref = lambda W=W: torch.nn.functional.linear(norm.add_rms_norm(xs, r, w, 1e-6)[0], W)
+                    label, nbytes = f"add_rms_norm+{pname}", (N * K + 4 * B * K + B * N) * el
+                elif pro == gemv.SILU_MUL:
+                    gux = rnd(B, 2 * K)
+                    fn = lambda W=W, gux=gux: gemv.fused_gemv(gux, W, None, gemv.SILU_MUL)
+                    ref = lambda W=W, gux=gux: torch.nn.functional.linear(activation.silu_mul(gux), W)
+                    label, nbytes = f"silu_mul+{pname}", (N * K + 2 * B * K + B * N) * el
+                else:
+                    xo = rnd(B, K)
+                    fn = lambda W=W, xo=xo: gemv.fused_gemv(xo, W)
+                    ref = lambda W=W, xo=xo: torch.nn.functional.linear(xo, W)
+                    label, nbytes = pname, (N * K + B * K + B * N) * el
+                row(f"gemv {label}", f"[{B},{K}]x[{N},{K}]", nbytes, fn, ref)
+                del W
         S = 4096
         for Hkv in (HKV_MHA, HKV_GQA):
             qkv = rnd(B, 1, (HQ + 2 * Hkv) * D)

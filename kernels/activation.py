@@ -15,16 +15,33 @@ from ._common import check_out, check_tensor
 
 
 @triton.jit
+def silu_f32(gate):
+    """silu on fp32 values, overflow-free for any gate (shared with kernels/gemv.py's prologue)."""
+    e = tl.exp(-tl.abs(gate))             # in (0, 1]: no overflow for any gate
+    sig = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return gate * sig
+
+
+@triton.jit
+def gelu_tanh_f32(x):
+    """Bloom's tanh GeLU on fp32 values (shared with kernels/gemv.py's prologue)."""
+    u = 0.79788456 * x * (1.0 + 0.044715 * x * x)
+    # tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|) in (0, 1]: no overflow, no libdevice call
+    # (portable across Triton versions and the CPU interpreter).
+    e = tl.exp(-2.0 * tl.abs(u))
+    th = (1.0 - e) / (1.0 + e)
+    th = tl.where(u < 0, -th, th)
+    return x * 0.5 * (1.0 + th)
+
+
+@triton.jit
 def _silu_mul_kernel(X, Y, stride_x, stride_y, I, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
     gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(X + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
-    e = tl.exp(-tl.abs(gate))             # in (0, 1]: no overflow for any gate
-    sig = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    silu = gate * sig
-    tl.store(Y + row * stride_y + cols, (silu * up).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y + cols, (silu_f32(gate) * up).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -32,13 +49,7 @@ def _gelu_tanh_kernel(X, Y, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    u = 0.79788456 * x * (1.0 + 0.044715 * x * x)
-    # tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|) in (0, 1]: no overflow, no libdevice call
-    # (portable across Triton versions and the CPU interpreter).
-    e = tl.exp(-2.0 * tl.abs(u))
-    th = (1.0 - e) / (1.0 + e)
-    th = tl.where(u < 0, -th, th)
-    tl.store(Y + offs, (x * 0.5 * (1.0 + th)).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, gelu_tanh_f32(x).to(Y.dtype.element_ty), mask=mask)
 
 
 def silu_mul(gate_up, out=None):

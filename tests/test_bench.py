@@ -203,3 +203,17 @@ def test_checkpoint_folder(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rc == 0 and [(r["system"], r["status"], r["kept_layers"]) for r in rows] == \
         [("hf-eager-skip", "ok", [0, 2, 4, 7])]
+
+
+def test_kernel_bench_script_smoke():
+    # bench/kernel_bench.py is only run on the GPU for numbers; this catches it breaking (tiny shapes, interpreter)
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "kernel_bench.py")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, script, "--device", "cpu", "--tiny", "--batches", "1", "--seq-lens", "64"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "gemv add_rms_norm+qkv" in r.stdout and "decode_attention" in r.stdout

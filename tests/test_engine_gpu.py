@@ -86,3 +86,22 @@ def test_graph_buckets_reused_across_batch_sizes_and_full_cache(path):
     e = Engine.from_pretrained(path, cuda_graphs=False, **kw)
     for prompts, n in ((PROMPTS, 12), (PROMPTS + [[7, 7, 7]], 12), (PROMPTS[:2], 12), ([PROMPTS[2][:36]], 12)):
         assert g.generate(prompts, max_new_tokens=n).sequences == e.generate(prompts, max_new_tokens=n).sequences
+
+
+def test_decode_runs_the_fused_projections(path, monkeypatch):
+    """At decode sizes every projection goes through kernels/gemv.py, with the norm / activation fused in."""
+    from ulskip import ops
+    gemv = ops._kernel("gemv")
+    seen = []
+    real = gemv.fused_gemv
+
+    def spy(x, weight, bias=None, prologue=gemv.PLAIN, *a, **kw):
+        seen.append(prologue)
+        return real(x, weight, bias, prologue, *a, **kw)
+    monkeypatch.setattr(gemv, "fused_gemv", spy)
+    _run(path, "cuda", "bf16", graphs=False)
+    import json
+    import os
+    bloom = json.load(open(os.path.join(path, "config.json")))["model_type"] == "bloom"
+    want = {gemv.PLAIN, gemv.GELU} if bloom else {gemv.PLAIN, gemv.ADD_RMS_NORM, gemv.SILU_MUL}
+    assert set(seen) == want, (set(seen), want)

@@ -30,6 +30,7 @@ from ulskip import ops  # noqa: E402
 ops.kernels_package()  # resolves `ulskip.kernels` (installed, or from the source checkout)
 import ulskip.kernels.activation as kact  # noqa: E402
 import ulskip.kernels.decode_attention as kattn  # noqa: E402
+import ulskip.kernels.gemv as kgemv  # noqa: E402
 import ulskip.kernels.norm as knorm  # noqa: E402
 import ulskip.kernels.rotary as krot  # noqa: E402
 
@@ -329,6 +330,75 @@ def test_activations_gpu(shape, dtype):
     _act_case(shape, dtype)
 
 
+# ============================================================================ projections (fused GEMV)
+GEMV_PROLOGUES = {"plain": kgemv.PLAIN, "rms": kgemv.ADD_RMS_NORM, "silu": kgemv.SILU_MUL, "gelu": kgemv.GELU}
+
+
+def _gemv_case(M, N, K, kind, dtype, bias=False, residual=False, add=False, lead=None, device=DEV, seed=0):
+    """fused_gemv against an fp64 oracle and the torch reference (ulskip.ops *_linear_ref / F.linear)."""
+    g = gen(seed, device)
+    lead = lead or (M,)
+    xk = 2 * K if kind == "silu" else K
+    x = randn(*lead, xk, dtype=dtype, g=g, device=device)
+    w = randn(N, K, dtype=dtype, g=g, device=device, scale=K ** -0.5)
+    b = randn(N, dtype=dtype, g=g, device=device) if bias else None
+    r = randn(*lead, K, dtype=dtype, g=g, device=device) if residual else None
+    z = randn(*lead, N, dtype=dtype, g=g, device=device) if add else None
+    nw = (1 + 0.1 * randn(K, g=g, device=device)).to(dtype)
+    out = torch.full((*lead, N), float("nan"), dtype=dtype, device=device)
+    res = kgemv.fused_gemv(x, w, b, GEMV_PROLOGUES[kind], residual=r, norm_weight=nw, eps=1e-6, add=z, out=out)
+    if kind == "rms":
+        y, h = res
+        assert torch.equal(h, x + r if residual else x), "h must equal torch's x + residual"
+        if residual:
+            assert h.data_ptr() not in (x.data_ptr(), r.data_ptr())
+        hin = x + r if residual else x
+        pre_oracle, t_out = rms_oracle(hin, nw, 1e-6), ops.add_rms_norm_linear_ref(x, r, nw, 1e-6, w, b)[0]
+    else:
+        y = res
+        pre_oracle = {"plain": lambda: x.double(), "silu": lambda: silu_oracle(x), "gelu": lambda: gelu_oracle(x)}[kind]()
+        t_out = {"plain": lambda: torch.nn.functional.linear(x, w, b),
+                 "silu": lambda: ops.silu_mul_linear_ref(x, w, b),
+                 "gelu": lambda: ops.gelu_linear_ref(x, w, b, z)}[kind]()
+    assert y is out
+    oracle = pre_oracle @ w.double().T + (b.double() if bias else 0)
+    if add:
+        oracle = oracle + z.double()
+        if kind != "gelu":
+            t_out = z + t_out
+    assert_close(y, oracle, t_out, dtype, f"gemv {kind} M={M} N={N} K={K}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", list(GEMV_PROLOGUES))
+@pytest.mark.parametrize("M,N,K", [(1, 48, 64), (5, 40, 200), (16, 96, 96), (3, 16, 32)])
+def test_gemv(M, N, K, kind, dtype):
+    _gemv_case(M, N, K, kind, dtype, bias=M == 5, residual=M != 16, add=kind == "gelu" and M == 5)
+
+
+def test_gemv_strided_rows_and_leading_dims():
+    # the head takes x[:, -1] of [B, T, H] (row stride T*H); layers pass [B, 1, H]
+    g = gen(3)
+    x, r = randn(3, 4, 64, g=g), randn(3, 4, 64, g=g)
+    w, nw = randn(40, 64, g=g, scale=0.125), 1 + 0.1 * randn(64, g=g)
+    y, h = kgemv.fused_gemv(x[:, -1], w, None, kgemv.ADD_RMS_NORM, r[:, -1], nw, 1e-6)
+    ref, href = ops.add_rms_norm_linear_ref(x[:, -1], r[:, -1], nw, 1e-6, w)
+    assert torch.equal(h, href)
+    assert_close(y, rms_oracle(href, nw, 1e-6) @ w.double().T, ref, torch.float32, "strided rows")
+    _gemv_case(4, 40, 64, "plain", torch.float32, lead=(2, 2))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("kind,N,K", [("rms", 12288, 4096), ("plain", 4096, 4096), ("rms", 22016, 4096),
+                                      ("silu", 4096, 11008), ("rms", 32000, 4096), ("gelu", 4096, 16384),
+                                      ("plain", 1536, 5120)])
+def test_gemv_gpu(M, kind, N, K, dtype):
+    _gemv_case(M, N, K, kind, dtype, bias=kind in ("gelu", "plain") and M == 7, residual=M != 16,
+               add=kind == "gelu")
+
+
 # ============================================================================ sampling
 def _sampling_devices():
     return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=GPU)]
@@ -406,6 +476,26 @@ def test_ops_dispatch_matches():
     gu = randn(2, 3, 128, g=g, dtype=torch.float16)
     assert_close(ops.silu_mul(gu), silu_oracle(gu), ops.silu_mul_ref(gu), torch.float16)
     assert_close(ops.gelu_tanh(gu), gelu_oracle(gu), ops.gelu_tanh_ref(gu), torch.float16)
+    # projections: the fused GEMV at decode sizes on a GPU, the composite (norm kernel + F.linear) beyond
+    for rows in (3, 40):
+        xs, rs = randn(rows, 64, g=g, dtype=torch.float16), randn(rows, 64, g=g, dtype=torch.float16)
+        ws, bs = randn(48, 64, g=g, scale=0.125).half(), randn(48, g=g).half()
+        y, h = ops.add_rms_norm_linear(xs, rs, w, 1e-6, ws, bs)
+        assert torch.equal(h, xs + rs)
+        assert_close(y, rms_oracle(xs + rs, w, 1e-6) @ ws.double().T + bs.double(),
+                     ops.add_rms_norm_linear_ref(xs, rs, w, 1e-6, ws, bs)[0], torch.float16, f"norm+linear {rows}")
+        y, h = ops.add_rms_norm_linear(xs, None, w, 1e-6, ws)
+        assert h is xs
+        assert_close(y, rms_oracle(xs, w, 1e-6) @ ws.double().T, ops.add_rms_norm_linear_ref(xs, None, w, 1e-6, ws)[0],
+                     torch.float16, f"norm+linear, no residual {rows}")
+        assert_close(ops.linear(xs, ws, bs), xs.double() @ ws.double().T + bs.double(),
+                     torch.nn.functional.linear(xs, ws, bs), torch.float16, f"linear {rows}")
+        gus, w32 = randn(rows, 128, g=g, dtype=torch.float16), randn(48, 64, g=g, scale=0.125).half()
+        assert_close(ops.silu_mul_linear(gus, w32), silu_oracle(gus) @ w32.double().T,
+                     ops.silu_mul_linear_ref(gus, w32), torch.float16, f"silu+linear {rows}")
+        zs = randn(rows, 48, g=g, dtype=torch.float16)
+        assert_close(ops.gelu_linear(xs, ws, bs, add=zs), gelu_oracle(xs) @ ws.double().T + bs.double() + zs.double(),
+                     ops.gelu_linear_ref(xs, ws, bs, zs), torch.float16, f"gelu+linear {rows}")
     B, T, Hq, Hkv, D, S = 2, 1, 4, 2, 64, 16
     q, k, v = randn(B, T, Hq, D, g=g), randn(B, T, Hkv, D, g=g), randn(B, T, Hkv, D, g=g)
     cos, sin = _rope_tables(B, T, D, torch.float32, g, DEV)
@@ -491,6 +581,37 @@ def test_bad_inputs_activation():
         kact.silu_mul(torch.ones(3, 8, dtype=torch.int32, device=DEV))
 
 
+def test_bad_inputs_gemv():
+    x, w = _t(2, 64), _t(32, 64)
+    with pytest.raises(ValueError, match=r"x has 17 rows; fused_gemv takes at most 16"):
+        kgemv.fused_gemv(_t(17, 64), w)
+    with pytest.raises(ValueError, match=r"x has dtype torch.float32, expected the weight's dtype torch.float16"):
+        kgemv.fused_gemv(_t(2, 64, dtype=torch.float32), w)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 64\), expected last dim 128"):
+        kgemv.fused_gemv(x, w, prologue=kgemv.SILU_MUL)
+    with pytest.raises(ValueError, match=r"prologue 7 is not one of"):
+        kgemv.fused_gemv(x, w, prologue=7)
+    with pytest.raises(ValueError, match=r"bias has shape \(64,\), expected \(32,\)"):
+        kgemv.fused_gemv(x, w, _t(64))
+    with pytest.raises(ValueError, match=r"norm_weight has shape \(32,\), expected \(64,\)"):
+        kgemv.fused_gemv(x, w, None, kgemv.ADD_RMS_NORM, None, _t(32))
+    with pytest.raises(ValueError, match=r"eps must be a non-negative float, got -1"):
+        kgemv.fused_gemv(x, w, None, kgemv.ADD_RMS_NORM, None, _t(64), -1)
+    with pytest.raises(ValueError, match=r"residual is \(3, 64\) torch.float16, expected x's \(2, 64\)"):
+        kgemv.fused_gemv(x, w, None, kgemv.ADD_RMS_NORM, _t(3, 64), _t(64))
+    r = _t(2, 64)
+    with pytest.raises(ValueError, match=r"residual_out must not alias x or residual"):
+        kgemv.fused_gemv(x, w, None, kgemv.ADD_RMS_NORM, r, _t(64), residual_out=r)
+    with pytest.raises(ValueError, match=r"add is \(2, 64\) torch.float16, expected \(2, 32\)"):
+        kgemv.fused_gemv(x, w, add=_t(2, 64))
+    out = nan_like(_t(2, 32))
+    with pytest.raises(ValueError, match=r"out has shape \(2, 32\), expected \(2, 16\)"):
+        kgemv.fused_gemv(x, _t(16, 64), out=out)
+    with pytest.raises(ValueError, match=r"weight must have a unit stride"):
+        kgemv.fused_gemv(x, _t(64, 32).t(), out=out)
+    assert torch.isnan(out).all(), "nothing may be written on bad input"
+
+
 # ============================================================================ sm_90 compile check
 # The interpreter runs kernels as Python, so it cannot catch what only the compiler sees (type or layout
 # errors, scalar instead of vector loads, a K/V loop that is not cp.async-pipelined). Without a GPU, this
@@ -548,6 +669,17 @@ def _compile_check() -> int:
                 D=D, ROTARY=rot, BLOCK_H=8, BLOCK_HALF=triton.next_power_of_2(D // 2),
                 BLOCK_D=triton.next_power_of_2(D), sq_d=1, sk_d=1, sv_d=1, sc_d=1, ss_d=1),
                 nodiv=("sp_t", "T", "HQ", "HKV"))
+    gemv_ptrs = {n: "*bf16" for n in ("X", "R", "G", "W", "BIAS", "ADD", "Y", "HOUT")}
+    for prologue, bias, add in ((0, True, False), (1, False, False), (2, False, False), (3, True, True)):
+        for N, K in ((12288, 4096), (22016, 4096), (4096, 11008)):
+            bn, bk, warps, stages = kgemv._config(N, K, False)
+            k = comp(kgemv._gemv_kernel, gemv_ptrs, dict(
+                PROLOGUE=prologue, HAS_RES=prologue == 1, HAS_BIAS=bias, HAS_ADD=add, IEEE=False,
+                BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk), warps=warps, stages=stages, nodiv=("M",))
+            assert "cp.async" in k.asm["ptx"], f"gemv prologue {prologue} N={N}: W loads not pipelined"
+    comp(kgemv._gemv_kernel, {n: "*fp32" for n in gemv_ptrs}, dict(
+        PROLOGUE=1, HAS_RES=True, HAS_BIAS=True, HAS_ADD=False, IEEE=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64),
+        stages=2, nodiv=("M",))
     comp(kact._silu_mul_kernel, dict(X="*bf16", Y="*bf16"), dict(BLOCK=1024))
     comp(kact._gelu_tanh_kernel, dict(X="*bf16", Y="*bf16"), dict(BLOCK=1024))
     print("all kernels compile for sm_90")

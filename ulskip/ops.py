@@ -103,6 +103,23 @@ def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
     return (xf * 0.5 * (1.0 + torch.tanh(0.79788456 * xf * (1 + 0.044715 * xf * xf)))).to(x.dtype)
 
 
+# ----------------------------------------------------------------------------- projections
+# A projection with the op before it: on the GPU at decode sizes one kernel (kernels/gemv.py).
+def add_rms_norm_linear_ref(x, residual, norm_weight, eps, weight, bias=None):
+    """-> (rms_norm(h) @ weight^T + bias, h) with h = x + residual (x when residual is None)."""
+    h = x if residual is None else x + residual
+    return F.linear(rms_norm_ref(h, norm_weight, eps), weight, bias), h
+
+
+def silu_mul_linear_ref(gate_up, weight, bias=None):
+    return F.linear(silu_mul_ref(gate_up), weight, bias)
+
+
+def gelu_linear_ref(x, weight, bias=None, add=None):
+    y = F.linear(gelu_tanh_ref(x), weight, bias)
+    return y if add is None else add + y
+
+
 # ----------------------------------------------------------------------------- sampling
 def filter_logits_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) filtering as transformers' warpers do: filtered
@@ -242,6 +259,46 @@ def gelu_tanh(x):
     if _use_triton(x):
         return _kernel("activation").gelu_tanh(x)
     return gelu_tanh_ref(x)
+
+
+def _gemv_ok(x: torch.Tensor) -> bool:
+    """Decode-sized rows on a GPU: the fused GEMV (kernels/gemv.py) beats cuBLAS and absorbs the op before."""
+    return _use_triton(x) and x.numel() <= 16 * x.shape[-1]
+
+
+def linear(x, weight, bias=None):
+    if _gemv_ok(x):
+        return _kernel("gemv").fused_gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias=None):
+    """-> (rms_norm(h) @ weight^T + bias, h), h = x + residual (x when residual is None): the residual
+    stream carried on. One kernel at decode sizes on the GPU."""
+    if _gemv_ok(x):
+        g = _kernel("gemv")
+        return g.fused_gemv(x, weight, bias, g.ADD_RMS_NORM, residual, norm_weight, eps)
+    if residual is None:
+        return F.linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    h, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return F.linear(h, weight, bias), residual
+
+
+def silu_mul_linear(gate_up, weight, bias=None):
+    """silu(gate) * up @ weight^T + bias on a fused [.., 2I] gate/up projection."""
+    if _gemv_ok(gate_up):
+        g = _kernel("gemv")
+        return g.fused_gemv(gate_up, weight, bias, g.SILU_MUL)
+    return F.linear(silu_mul(gate_up), weight, bias)
+
+
+def gelu_linear(x, weight, bias=None, add=None):
+    """gelu_tanh(x) @ weight^T + bias, then add + that (when given): Bloom's MLP and residual add."""
+    if _gemv_ok(x):
+        g = _kernel("gemv")
+        return g.fused_gemv(x, weight, bias, g.GELU, add=add)
+    y = F.linear(gelu_tanh(x), weight, bias)
+    return y if add is None else add + y
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):

@@ -62,7 +62,7 @@ def prefill_attention(q, k, v, scale, slopes=None):
 
 
 class DecoderLM(nn.Module):
-    """Layer loop and head; families provide embed(), layer modules, and final_norm()."""
+    """Layer loop and head; families provide embed(), layer modules, and head()."""
 
     def __init__(self, cfg, layer_ids):
         super().__init__()
@@ -84,5 +84,4 @@ class DecoderLM(nn.Module):
             rows = torch.arange(x.shape[0], device=x.device)
             x = x[rows, last_index].unsqueeze(1)
             residual = None if residual is None else residual[rows, last_index].unsqueeze(1)
-        h = self.final_norm(x, residual)
-        return self.lm_head(h[:, -1]).float()
+        return self.head(x[:, -1], None if residual is None else residual[:, -1]).float()

@@ -29,14 +29,17 @@ class BloomLayer(nn.Module):
         # Bloom keeps one stream (residual is unused): x <- x + attn(ln(x)); x <- x + mlp(ln(x))
         h = ops.layer_norm(x, self.input_norm.weight, self.input_norm.bias, self.eps)
         B, T, _ = h.shape
-        q, k, v = (t.view(B, T, self.h, self.d) for t in self.qkv(h).chunk(3, dim=-1))
-        a = self.o(attention(q, k, v, step, layer, self.d ** -0.5, step.slopes, rope=False))
+        qkv = ops.linear(h, self.qkv.weight, self.qkv.bias)
+        q, k, v = (t.view(B, T, self.h, self.d) for t in qkv.chunk(3, dim=-1))
+        a = attention(q, k, v, step, layer, self.d ** -0.5, step.slopes, rope=False)
+        a = ops.linear(a, self.o.weight, self.o.bias)
         if self.post_norm_residual:
             x = h + a
             h = ops.layer_norm(x, self.post_norm.weight, self.post_norm.bias, self.eps)
         else:  # fused: x <- x + a, h <- ln(x)
             h, x = ops.add_layer_norm(a, x, self.post_norm.weight, self.post_norm.bias, self.eps)
-        x = (h if self.post_norm_residual else x) + self.down(ops.gelu_tanh(self.up(h)))
+        up = ops.linear(h, self.up.weight, self.up.bias)
+        x = ops.gelu_linear(up, self.down.weight, self.down.bias, add=h if self.post_norm_residual else x)
         return x, None
 
 
@@ -61,8 +64,8 @@ class BloomLM(DecoderLM):
         step.slopes = self.slopes
         return ops.layer_norm(x, self.embed_norm.weight, self.embed_norm.bias, self.cfg.norm_eps)
 
-    def final_norm(self, x, residual):
-        return ops.layer_norm(x, self.norm.weight, self.norm.bias, self.cfg.norm_eps)
+    def head(self, x, residual):
+        return ops.linear(ops.layer_norm(x, self.norm.weight, self.norm.bias, self.cfg.norm_eps), self.lm_head.weight)
 
     @staticmethod
     def hf_names(cfg, ours: str) -> list[str]:

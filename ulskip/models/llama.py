@@ -26,17 +26,18 @@ class LlamaLayer(nn.Module):
         self.down = nn.Linear(I, H, bias=cfg.mlp_bias)
 
     def forward(self, x, residual, step: Step, layer: int):
-        # x: [B, T, H] output of the previous sublayer; residual: the running stream (None at first)
-        if residual is None:
-            residual, h = x, ops.rms_norm(x, self.input_norm, self.eps)
-        else:
-            h, residual = ops.add_rms_norm(x, residual, self.input_norm, self.eps)
-        B, T, _ = h.shape
-        q, k, v = self.qkv(h).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        # x: [B, T, H] output of the previous sublayer; residual: the running stream (None at first).
+        # Each norm runs inside the projection after it, the SwiGLU inside `down` (ops.*_linear).
+        qkv, residual = ops.add_rms_norm_linear(x, residual, self.input_norm, self.eps,
+                                                self.qkv.weight, self.qkv.bias)
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         a = attention(q.view(B, T, self.hq, self.d), k.view(B, T, self.hkv, self.d),
                       v.view(B, T, self.hkv, self.d), step, layer, self.d ** -0.5)
-        h, residual = ops.add_rms_norm(self.o(a), residual, self.post_norm, self.eps)
-        return self.down(ops.silu_mul(self.gate_up(h))), residual
+        gate_up, residual = ops.add_rms_norm_linear(ops.linear(a, self.o.weight, self.o.bias), residual,
+                                                    self.post_norm, self.eps, self.gate_up.weight,
+                                                    self.gate_up.bias)
+        return ops.silu_mul_linear(gate_up, self.down.weight, self.down.bias), residual
 
 
 class LlamaLM(DecoderLM):
@@ -63,8 +64,8 @@ class LlamaLM(DecoderLM):
         step.sin = (emb.sin() * self.rope_scale).to(x.dtype)
         return x
 
-    def final_norm(self, x, residual):
-        return ops.add_rms_norm(x, residual, self.norm, self.cfg.norm_eps)[0]
+    def head(self, x, residual):
+        return ops.add_rms_norm_linear(x, residual, self.norm, self.cfg.norm_eps, self.lm_head.weight)[0]
 
     @staticmethod
     def hf_names(cfg, ours: str) -> list[str]:
