@@ -7,6 +7,7 @@ measures: y[M, N] = x[M, K] @ W[N, K]^T for the four Llama-2-7B projections at M
 config sweep, each timed as CUDA-graph replays (10 calls per replay) next to torch's F.linear.
 
     python bench/gemv_probe.py            # on a GPU; prints a table (us, GB/s, % of copy bandwidth)
+    python bench/gemv_probe.py --fused    # kernels/gemv.py at M = 1, prologues fused, config sweep
 """
 import torch
 import torch.nn.functional as F
@@ -45,14 +46,74 @@ def gemv(x, w, block_n, block_k, warps, stages, out=None):
     return y
 
 
-def main():
-    dev, dt = torch.device("cuda"), torch.bfloat16
+def fused_check(dev, dt):
+    """M = 1: kernels/gemv.py's row kernel (prologue fused) over a config sweep, against the same op as
+    two kernels (the prologue kernel, then the dot GEMV) and against cuBLAS after the prologue kernel."""
+    from ulskip import ops
+    from ulskip.kernels import activation, norm
+    g = ops._kernel("gemv")
+    print("| proj | prologue | cuBLAS+kernel us | dot GEMV+kernel us | fused row us (default cfg) | best fused us "
+          "| best cfg (BLOCK_N, BLOCK_K, warps, stages) | %copy best |\n|---|---|---|---|---|---|---|---|")
+    shapes = {"qkv": (12288, 4096, g.ADD_RMS_NORM), "o": (4096, 4096, g.PLAIN),
+              "gate_up": (22016, 4096, g.ADD_RMS_NORM), "down": (4096, 11008, g.SILU_MUL),
+              "lm_head": (32000, 4096, g.ADD_RMS_NORM), "bloom_up": (16384, 4096, g.PLAIN),
+              "bloom_down": (4096, 16384, g.GELU)}
+    configs = [(bn, bk, w, st) for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (4, 8) for st in (1, 3)]
+    bw = copy_bw(dev)
+    for name, (N, K, pro) in shapes.items():
+        ws = [torch.randn(N, K, device=dev, dtype=dt) * 0.02 for _ in range(max(2, 4 * 50_000_000 // (N * K * 2)))]
+        i = [0]
+
+        def nxt():
+            i[0] = (i[0] + 1) % len(ws)
+            return ws[i[0]]
+        x, r = torch.randn(1, K, device=dev, dtype=dt), torch.randn(1, K, device=dev, dtype=dt)
+        gu = torch.randn(1, 2 * K, device=dev, dtype=dt)
+        nw = torch.ones(K, device=dev, dtype=dt)
+        if pro == g.ADD_RMS_NORM:
+            fused = lambda cfg=None: g.fused_gemv(x, nxt(), None, pro, r, nw, 1e-6, config=cfg)
+            pre = lambda: norm.add_rms_norm(x, r, nw, 1e-6)[0]
+        elif pro == g.SILU_MUL:
+            fused = lambda cfg=None: g.fused_gemv(gu, nxt(), None, pro, config=cfg)
+            pre = lambda: activation.silu_mul(gu)
+        elif pro == g.GELU:
+            fused = lambda cfg=None: g.fused_gemv(x, nxt(), None, pro, config=cfg)
+            pre = lambda: activation.gelu_tanh(x)
+        else:
+            fused = lambda cfg=None: g.fused_gemv(x, nxt(), config=cfg)
+            pre = lambda: x
+        t_cublas = graph_us(lambda: F.linear(pre(), nxt()), warmup=2)
+        t_dot = graph_us(lambda: g.fused_gemv(pre().expand(2, K), nxt()), warmup=2)
+        t_def = graph_us(lambda: fused(), warmup=2)
+        best = None
+        for cfg in configs:
+            try:
+                t = graph_us(lambda: fused(cfg), warmup=2)
+            except Exception as e:  # a config that does not compile (registers, shared memory) is skipped
+                print(f"  skip {cfg}: {type(e).__name__}", flush=True)
+                continue
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        pct = 100 * N * K * 2 / (best[0] * 1e-6) / 1e9 / bw
+        print(f"| {name} {N}x{K} | {pro} | {t_cublas:.1f} | {t_dot:.1f} | {t_def:.1f} | {best[0]:.1f} | {best[1]} | "
+              f"{pct:.0f}% |", flush=True)
+        del ws
+
+
+def copy_bw(dev):
     big = torch.randint(0, 255, (2**30,), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(big)
     for _ in range(20):  # let the clocks ramp up before anything is timed
         dst.copy_(big)
-    copy_us = graph_us(lambda: dst.copy_(big), reps=2, iters=10, warmup=2)
-    bw = 2 * big.numel() / (copy_us * 1e-6) / 1e9
+    return 2 * big.numel() / (graph_us(lambda: dst.copy_(big), reps=2, iters=10, warmup=2) * 1e-6) / 1e9
+
+
+def main():
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    import sys
+    if "--fused" in sys.argv:
+        return fused_check(dev, dt)
+    bw = copy_bw(dev)
     print(f"copy bandwidth {bw:.0f} GB/s")
     shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
     configs = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256) for w in (4, 8) for st in (3, 4)]

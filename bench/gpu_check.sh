@@ -2,7 +2,7 @@
 # The one command every GPU run uses: build, GPU tests, kernel and engine benchmarks, logs under $OUT.
 #   bash bench/gpu_check.sh STAGE...   stages: build test kbench quick llama llamac bloom bloomc train
 # train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile, recheck = short ulskip vs HF eager re-run,
-# gemv = Triton GEMV vs cuBLAS probe
+# gemv = Triton GEMV vs cuBLAS probe, gemvf = the fused batch-1 GEMV of kernels/gemv.py with a config sweep
 # (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile)
 # Every stage logs to $OUT/<stage>.log; the summary table comes last.
 set -uo pipefail
@@ -43,6 +43,7 @@ for s in "${STAGES[@]}"; do
     train2) stage train2 150 "CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 bench/train_bench.py --out $OUT/train_bench_x2.json" ;;
     prof)   stage prof 120 "python3 bench/profile_decode.py" ;;
     gemv)   stage gemv 150 "python3 bench/gemv_probe.py" ;;
+    gemvf)  stage gemvf 300 "python3 bench/gemv_probe.py --fused" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -593,7 +593,7 @@ def test_bad_inputs_gemv():
         kgemv.fused_gemv(x, w, prologue=7)
     with pytest.raises(ValueError, match=r"bias has shape \(64,\), expected \(32,\)"):
         kgemv.fused_gemv(x, w, _t(64))
-    with pytest.raises(ValueError, match=r"norm_weight has shape \(32,\), expected \(64,\)"):
+    with pytest.raises(ValueError, match=r"norm_weight is \(32,\) torch.float16, expected \(64,\) torch.float16"):
         kgemv.fused_gemv(x, w, None, kgemv.ADD_RMS_NORM, None, _t(32))
     with pytest.raises(ValueError, match=r"eps must be a non-negative float, got -1"):
         kgemv.fused_gemv(x, w, None, kgemv.ADD_RMS_NORM, None, _t(64), -1)
@@ -672,14 +672,21 @@ def _compile_check() -> int:
     gemv_ptrs = {n: "*bf16" for n in ("X", "R", "G", "W", "BIAS", "ADD", "Y", "HOUT")}
     for prologue, bias, add in ((0, True, False), (1, False, False), (2, False, False), (3, True, True)):
         for N, K in ((12288, 4096), (22016, 4096), (4096, 11008)):
-            bn, bk, warps, stages = kgemv._config(N, K, False)
-            k = comp(kgemv._gemv_kernel, gemv_ptrs, dict(
-                PROLOGUE=prologue, HAS_RES=prologue == 1, HAS_BIAS=bias, HAS_ADD=add, IEEE=False,
-                BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk), warps=warps, stages=stages, nodiv=("M",))
-            assert "cp.async" in k.asm["ptx"], f"gemv prologue {prologue} N={N}: W loads not pipelined"
-    comp(kgemv._gemv_kernel, {n: "*fp32" for n in gemv_ptrs}, dict(
-        PROLOGUE=1, HAS_RES=True, HAS_BIAS=True, HAS_ADD=False, IEEE=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64),
-        stages=2, nodiv=("M",))
+            bn, bk, warps, stages = kgemv._row_config(N, K)
+            k = comp(kgemv._gemv_row_kernel, gemv_ptrs, dict(
+                PROLOGUE=prologue, HAS_RES=prologue == 1, HAS_BIAS=bias, HAS_ADD=add, BLOCK_N=bn, BLOCK_K=bk),
+                warps=warps, stages=stages)
+            ptx = k.asm["ptx"]  # W (and x) in 16-byte loads; a 16-bit load is only the bias, once
+            assert "ld.global.v4.b32" in ptx or "cp.async" in ptx, f"gemv row kernel {prologue} N={N}: no vector loads"
+            assert bias or "ld.global.b16" not in ptx, f"gemv row kernel {prologue} N={N}: scalar 16-bit loads"
+    for bias, add in ((False, False), (True, True)):
+        for N, K in ((12288, 4096), (22016, 4096), (4096, 11008)):
+            bn, bk, warps, stages = kgemv._dot_config(N, K, False)
+            k = comp(kgemv._gemv_dot_kernel, gemv_ptrs, dict(HAS_BIAS=bias, HAS_ADD=add, IEEE=False, BLOCK_M=16,
+                     BLOCK_N=bn, BLOCK_K=bk), warps=warps, stages=stages, nodiv=("M",))
+            assert "cp.async" in k.asm["ptx"], f"gemv dot kernel N={N}: W loads not pipelined"
+    comp(kgemv._gemv_dot_kernel, {n: "*fp32" for n in gemv_ptrs}, dict(
+        HAS_BIAS=True, HAS_ADD=False, IEEE=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64), stages=2, nodiv=("M",))
     comp(kact._silu_mul_kernel, dict(X="*bf16", Y="*bf16"), dict(BLOCK=1024))
     comp(kact._gelu_tanh_kernel, dict(X="*bf16", Y="*bf16"), dict(BLOCK=1024))
     print("all kernels compile for sm_90")
