@@ -7,7 +7,7 @@ measures: y[M, N] = x[M, K] @ W[N, K]^T for the four Llama-2-7B projections at M
 config sweep, each timed as CUDA-graph replays (10 calls per replay) next to torch's F.linear.
 
     python bench/gemv_probe.py            # on a GPU; prints a table (us, GB/s, % of copy bandwidth)
-    python bench/gemv_probe.py --fused    # kernels/gemv.py at M = 1, prologues fused, config sweep
+    python bench/gemv_probe.py --fused    # kernels/gemv.py with the engine's epilogues, config sweep
 """
 import torch
 import torch.nn.functional as F
@@ -47,56 +47,50 @@ def gemv(x, w, block_n, block_k, warps, stages, out=None):
 
 
 def fused_check(dev, dt):
-    """M = 1: kernels/gemv.py's row kernel (prologue fused) over a config sweep, against the same op as
-    two kernels (the prologue kernel, then the dot GEMV) and against cuBLAS after the prologue kernel."""
+    """kernels/gemv.py with each engine epilogue at M = 1 and 16 over a small config sweep, next to the
+    plain probe kernel and cuBLAS (F.linear) with the same ops done by PyTorch / the Triton kernels."""
     from ulskip import ops
-    from ulskip.kernels import activation, norm
     g = ops._kernel("gemv")
-    print("| proj | prologue | cuBLAS+kernel us | dot GEMV+kernel us | fused row us (default cfg) | best fused us "
-          "| best cfg (BLOCK_N, BLOCK_K, warps, stages) | %copy best |\n|---|---|---|---|---|---|---|---|")
-    shapes = {"qkv": (12288, 4096, g.ADD_RMS_NORM), "o": (4096, 4096, g.PLAIN),
-              "gate_up": (22016, 4096, g.ADD_RMS_NORM), "down": (4096, 11008, g.SILU_MUL),
-              "lm_head": (32000, 4096, g.ADD_RMS_NORM), "bloom_up": (16384, 4096, g.PLAIN),
-              "bloom_down": (4096, 16384, g.GELU)}
-    configs = [(bn, bk, w, st) for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (4, 8) for st in (1, 3)]
-    bw = copy_bw(dev)
-    for name, (N, K, pro) in shapes.items():
-        ws = [torch.randn(N, K, device=dev, dtype=dt) * 0.02 for _ in range(max(2, 4 * 50_000_000 // (N * K * 2)))]
+    F_ = F
+    print("| proj | M | cuBLAS + ops us | probe (plain) us | fused, default cfg us | best fused us | best cfg |\n"
+          "|---|---|---|---|---|---|---|")
+    shapes = {"rms+qkv": (12288, 4096, dict(norm=True)), "o+add": (4096, 4096, dict(add=True)),
+              "rms+gate_up+silu": (11008, 4096, dict(norm=True, glu=True)),
+              "down+add": (4096, 11008, dict(add=True)), "rms+lm_head": (32000, 4096, dict(norm=True))}
+    configs = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256) for w in (4, 8) for st in (3, 4)]
+    for name, (N, K, kw) in shapes.items():
+        NW = 2 * N if kw.get("glu") else N
+        ws = [torch.randn(NW, K, device=dev, dtype=dt) * 0.02 for _ in range(max(2, 200_000_000 // (NW * K * 2)))]
         i = [0]
 
         def nxt():
             i[0] = (i[0] + 1) % len(ws)
             return ws[i[0]]
-        x, r = torch.randn(1, K, device=dev, dtype=dt), torch.randn(1, K, device=dev, dtype=dt)
-        gu = torch.randn(1, 2 * K, device=dev, dtype=dt)
-        nw = torch.ones(K, device=dev, dtype=dt)
-        if pro == g.ADD_RMS_NORM:
-            fused = lambda cfg=None: g.fused_gemv(x, nxt(), None, pro, r, nw, 1e-6, config=cfg)
-            pre = lambda: norm.add_rms_norm(x, r, nw, 1e-6)[0]
-        elif pro == g.SILU_MUL:
-            fused = lambda cfg=None: g.fused_gemv(gu, nxt(), None, pro, config=cfg)
-            pre = lambda: activation.silu_mul(gu)
-        elif pro == g.GELU:
-            fused = lambda cfg=None: g.fused_gemv(x, nxt(), None, pro, config=cfg)
-            pre = lambda: activation.gelu_tanh(x)
-        else:
-            fused = lambda cfg=None: g.fused_gemv(x, nxt(), config=cfg)
-            pre = lambda: x
-        t_cublas = graph_us(lambda: F.linear(pre(), nxt()), warmup=2)
-        t_dot = graph_us(lambda: g.fused_gemv(pre().expand(2, K), nxt()), warmup=2)
-        t_def = graph_us(lambda: fused(), warmup=2)
-        best = None
-        for cfg in configs:
-            try:
-                t = graph_us(lambda: fused(cfg), warmup=2)
-            except Exception as e:  # a config that does not compile (registers, shared memory) is skipped
-                print(f"  skip {cfg}: {type(e).__name__}", flush=True)
-                continue
-            if best is None or t < best[0]:
-                best = (t, cfg)
-        pct = 100 * N * K * 2 / (best[0] * 1e-6) / 1e9 / bw
-        print(f"| {name} {N}x{K} | {pro} | {t_cublas:.1f} | {t_dot:.1f} | {t_def:.1f} | {best[0]:.1f} | {best[1]} | "
-              f"{pct:.0f}% |", flush=True)
+        for M in (1, 16):
+            x, z = torch.randn(M, K, device=dev, dtype=dt), torch.randn(M, N, device=dev, dtype=dt)
+            st = x.float().pow(2).sum(-1, keepdim=True)
+            if kw.get("norm"):
+                fused = lambda cfg=None: g.fused_gemv(x, nxt(), norm_parts=st, glu=kw.get("glu", False), config=cfg)
+                base = lambda: (ops.silu_mul if kw.get("glu") else (lambda t: t))(
+                    F_.linear(ops.rms_norm_ref(x, None, 1e-6), nxt()))
+            else:
+                fused = lambda cfg=None: g.fused_gemv(x, nxt(), add=z, parts_out=True, config=cfg)
+                base = lambda: z + F_.linear(x, nxt())
+            t_base = graph_us(base, warmup=2)
+            t_probe = graph_us(lambda: gemv(x, nxt(), *g._config(N, K, False, False)), warmup=2) \
+                if not kw.get("glu") else float("nan")
+            t_def = graph_us(lambda: fused(), warmup=2)
+            best = (t_def, "default")
+            for cfg in configs:
+                try:
+                    t = graph_us(lambda: fused(cfg), warmup=2)
+                except Exception as e:  # a config that does not compile (shared memory) is skipped
+                    print(f"  skip {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                if t < best[0]:
+                    best = (t, cfg)
+            print(f"| {name} {NW}x{K} | {M} | {t_base:.1f} | {t_probe:.1f} | {t_def:.1f} | {best[0]:.1f} | {best[1]} |",
+                  flush=True)
         del ws
 
 

@@ -111,29 +111,28 @@ def main(argv=None):
         g4 = rnd(B, BLOOM_4H)
         row("gelu_tanh", f"[{B},{BLOOM_4H}]", 2 * B * BLOOM_4H * el, lambda: activation.gelu_tanh(g4),
             lambda: ops.gelu_tanh_ref(g4))
-        if B <= gemv.MAX_ROWS:  # projections with the op before them fused (decode sizes), vs cuBLAS + kernel
-            xs = rnd(B, HIDDEN)
-            for pname, N, K, pro in (("qkv", (HQ + 2 * HKV_MHA) * D, HIDDEN, gemv.ADD_RMS_NORM),
-                                     ("o", HIDDEN, HQ * D, gemv.PLAIN),
-                                     ("gate_up", 2 * INTER, HIDDEN, gemv.ADD_RMS_NORM),
-                                     ("down", HIDDEN, INTER, gemv.SILU_MUL),
-                                     ("lm_head", VOCAB, HIDDEN, gemv.ADD_RMS_NORM)):
-                W = rnd(N, K) * K ** -0.5
-                if pro == gemv.ADD_RMS_NORM:
-                    fn = lambda W=W: gemv.fused_gemv(xs, W, None, gemv.ADD_RMS_NORM, r, w, 1e-6)
-                    ref = lambda W=W: torch.nn.functional.linear(norm.add_rms_norm(xs, r, w, 1e-6)[0], W)
-                    label, nbytes = f"add_rms_norm+{pname}", (N * K + 4 * B * K + B * N) * el
-                elif pro == gemv.SILU_MUL:
-                    gux = rnd(B, 2 * K)
-                    fn = lambda W=W, gux=gux: gemv.fused_gemv(gux, W, None, gemv.SILU_MUL)
-                    ref = lambda W=W, gux=gux: torch.nn.functional.linear(activation.silu_mul(gux), W)
-                    label, nbytes = f"silu_mul+{pname}", (N * K + 2 * B * K + B * N) * el
+        if B <= gemv.MAX_ROWS:  # projections with their epilogues fused (decode sizes) vs cuBLAS + kernels
+            F = torch.nn.functional
+            for pname, N, K, kw in (("rms+qkv", (HQ + 2 * HKV_MHA) * D, HIDDEN, dict(norm=True)),
+                                    ("o+add", HIDDEN, HQ * D, dict(add=True)),
+                                    ("rms+gate_up+silu", INTER, HIDDEN, dict(norm=True, glu=True)),
+                                    ("down+add", HIDDEN, INTER, dict(add=True)),
+                                    ("rms+lm_head", VOCAB, HIDDEN, dict(norm=True))):
+                W = rnd(2 * N if kw.get("glu") else N, K) * K ** -0.5
+                xk, zk = rnd(B, K), rnd(B, N)
+                st = xk.float().pow(2).sum(-1, keepdim=True)
+                ones = torch.ones(K, device=dev, dtype=dt)
+                if kw.get("norm"):
+                    fn = lambda W=W, xk=xk, st=st, glu=kw.get("glu", False): gemv.fused_gemv(
+                        xk, W, norm_parts=st, eps=1e-6, glu=glu)
+                    ref = lambda W=W, xk=xk, glu=kw.get("glu", False), ones=ones: (
+                        activation.silu_mul if glu else (lambda t: t))(F.linear(norm.rms_norm(xk, ones, 1e-6), W))
+                    nbytes = (W.numel() + B * K + B * N) * el
                 else:
-                    xo = rnd(B, K)
-                    fn = lambda W=W, xo=xo: gemv.fused_gemv(xo, W)
-                    ref = lambda W=W, xo=xo: torch.nn.functional.linear(xo, W)
-                    label, nbytes = pname, (N * K + B * K + B * N) * el
-                row(f"gemv {label}", f"[{B},{K}]x[{N},{K}]", nbytes, fn, ref)
+                    fn = lambda W=W, xk=xk, zk=zk: gemv.fused_gemv(xk, W, add=zk, parts_out=True)
+                    ref = lambda W=W, xk=xk, zk=zk: zk + F.linear(xk, W)
+                    nbytes = (W.numel() + B * K + 2 * B * N) * el
+                row(f"gemv {pname}", f"[{B},{K}]x[{W.shape[0]},{K}]", nbytes, fn, ref)
                 del W
         S = 4096
         for Hkv in (HKV_MHA, HKV_GQA):

@@ -89,19 +89,22 @@ def test_graph_buckets_reused_across_batch_sizes_and_full_cache(path):
 
 
 def test_decode_runs_the_fused_projections(path, monkeypatch):
-    """At decode sizes every projection goes through kernels/gemv.py, with the norm / activation fused in."""
+    """At decode sizes every projection goes through kernels/gemv.py with its epilogues: Llama's norms
+    (from the previous projection's partial sums), SwiGLU and residual adds; Bloom's GeLU and add."""
     from ulskip import ops
     gemv = ops._kernel("gemv")
-    seen = []
+    seen = set()
     real = gemv.fused_gemv
 
-    def spy(x, weight, bias=None, prologue=gemv.PLAIN, *a, **kw):
-        seen.append(prologue)
-        return real(x, weight, bias, prologue, *a, **kw)
+    def spy(x, weight, bias=None, **kw):
+        seen.add(tuple(sorted(k for k, v in kw.items() if k in ("norm_parts", "glu", "gelu", "add", "parts_out")
+                              and v is not None and v is not False)))
+        return real(x, weight, bias, **kw)
     monkeypatch.setattr(gemv, "fused_gemv", spy)
     _run(path, "cuda", "bf16", graphs=False)
     import json
     import os
     bloom = json.load(open(os.path.join(path, "config.json")))["model_type"] == "bloom"
-    want = {gemv.PLAIN, gemv.GELU} if bloom else {gemv.PLAIN, gemv.ADD_RMS_NORM, gemv.SILU_MUL}
-    assert set(seen) == want, (set(seen), want)
+    want = {(), ("gelu",), ("add", "parts_out")} if bloom else \
+        {("norm_parts",), ("glu", "norm_parts"), ("add", "parts_out")}
+    assert seen == want, (seen, want)

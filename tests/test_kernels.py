@@ -331,72 +331,91 @@ def test_activations_gpu(shape, dtype):
 
 
 # ============================================================================ projections (fused GEMV)
-GEMV_PROLOGUES = {"plain": kgemv.PLAIN, "rms": kgemv.ADD_RMS_NORM, "silu": kgemv.SILU_MUL, "gelu": kgemv.GELU}
-
-
-def _gemv_case(M, N, K, kind, dtype, bias=False, residual=False, add=False, lead=None, device=DEV, seed=0):
-    """fused_gemv against an fp64 oracle and the torch reference (ulskip.ops *_linear_ref / F.linear)."""
+def _gemv_case(M, N, K, dtype, norm=False, glu=False, gelu=False, bias=False, add=False, parts=False,
+               lead=None, device=DEV, seed=0, nparts=3):
+    """fused_gemv against an fp64 oracle and the torch reference (ulskip.ops *_ref / F.linear)."""
     g = gen(seed, device)
     lead = lead or (M,)
-    xk = 2 * K if kind == "silu" else K
-    x = randn(*lead, xk, dtype=dtype, g=g, device=device)
-    w = randn(N, K, dtype=dtype, g=g, device=device, scale=K ** -0.5)
-    b = randn(N, dtype=dtype, g=g, device=device) if bias else None
-    r = randn(*lead, K, dtype=dtype, g=g, device=device) if residual else None
+    NW = 2 * N if glu else N
+    x = randn(*lead, K, dtype=dtype, g=g, device=device)
+    w = randn(NW, K, dtype=dtype, g=g, device=device, scale=K ** -0.5)
+    b = randn(NW, dtype=dtype, g=g, device=device) if bias else None
     z = randn(*lead, N, dtype=dtype, g=g, device=device) if add else None
-    nw = (1 + 0.1 * randn(K, g=g, device=device)).to(dtype)
+    stats = None
+    if norm:  # the producer's partial sums: split the row's squares into nparts uneven chunks
+        sq = x.float().pow(2)
+        cuts = [0, K // 5, K // 2, K][: nparts] + [K]
+        stats = torch.stack([sq[..., a:c].sum(-1) for a, c in zip(cuts[:-1], cuts[1:])], dim=-1)
     out = torch.full((*lead, N), float("nan"), dtype=dtype, device=device)
-    res = kgemv.fused_gemv(x, w, b, GEMV_PROLOGUES[kind], residual=r, norm_weight=nw, eps=1e-6, add=z, out=out)
-    if kind == "rms":
-        y, h = res
-        assert torch.equal(h, x + r if residual else x), "h must equal torch's x + residual"
-        if residual:
-            assert h.data_ptr() not in (x.data_ptr(), r.data_ptr())
-        hin = x + r if residual else x
-        pre_oracle, t_out = rms_oracle(hin, nw, 1e-6), ops.add_rms_norm_linear_ref(x, r, nw, 1e-6, w, b)[0]
-    else:
-        y = res
-        pre_oracle = {"plain": lambda: x.double(), "silu": lambda: silu_oracle(x), "gelu": lambda: gelu_oracle(x)}[kind]()
-        t_out = {"plain": lambda: torch.nn.functional.linear(x, w, b),
-                 "silu": lambda: ops.silu_mul_linear_ref(x, w, b),
-                 "gelu": lambda: ops.gelu_linear_ref(x, w, b, z)}[kind]()
+    res = kgemv.fused_gemv(x, w, b, norm_parts=stats, eps=1e-6, glu=glu, gelu=gelu, add=z, parts_out=parts, out=out)
+    y, p = res if parts else (res, None)
     assert y is out
-    oracle = pre_oracle @ w.double().T + (b.double() if bias else 0)
+    # oracle in fp64 and the torch reference at dtype, composed in the module's order
+    xo = rms_oracle(x, torch.ones(K, device=device), 1e-6) if norm else x.double()
+    o = xo @ w.double().T + (b.double() if bias else 0)
+    t = ops.rms_norm_linear_ref(x, 1e-6, w, b) if norm else torch.nn.functional.linear(x, w, b)
+    if glu:
+        o = silu_oracle(o)
+        t = ops.silu_mul_ref(t)
+    if gelu:
+        o = gelu_oracle(o)
+        t = ops.gelu_tanh_ref(t)
     if add:
-        oracle = oracle + z.double()
-        if kind != "gelu":
-            t_out = z + t_out
-    assert_close(y, oracle, t_out, dtype, f"gemv {kind} M={M} N={N} K={K}")
+        o = o + z.double()
+        t = z + t
+    assert_close(y, o, t, dtype, f"gemv norm={norm} glu={glu} gelu={gelu} add={add} M={M} N={N} K={K}")
+    if parts:
+        assert p.dtype == torch.float32 and p.shape[:-1] == y.shape[:-1]
+        torch.testing.assert_close(p.sum(-1), y.float().pow(2).sum(-1), rtol=1e-5, atol=1e-5)
+    return y
+
+
+GEMV_KINDS = {"plain": {}, "norm": dict(norm=True), "norm_glu": dict(norm=True, glu=True), "gelu": dict(gelu=True),
+              "add_parts": dict(add=True, parts=True), "bias_add": dict(bias=True, add=True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("kind", list(GEMV_PROLOGUES))
+@pytest.mark.parametrize("kind", list(GEMV_KINDS))
 @pytest.mark.parametrize("M,N,K", [(1, 48, 64), (5, 40, 200), (16, 96, 96), (3, 16, 32)])
 def test_gemv(M, N, K, kind, dtype):
-    _gemv_case(M, N, K, kind, dtype, bias=M == 5, residual=M != 16, add=kind == "gelu" and M == 5)
+    _gemv_case(M, N, K, dtype, **{"bias": M == 5, **GEMV_KINDS[kind]})
+
+
+def test_gemv_parts_feed_the_next_norm():
+    # as in a layer: h2, parts = o(a) + h; then rms_norm(h2) @ W from those parts equals the reference
+    g = gen(4)
+    a, h = randn(2, 1, 64, g=g), randn(2, 1, 40, g=g)
+    wo, w2 = randn(40, 64, g=g, scale=0.125), randn(24, 40, g=g, scale=0.15)
+    h2, parts = kgemv.fused_gemv(a, wo, add=h, parts_out=True, config=(16, 32, 4, 2))
+    assert parts.shape == (2, 1, 3)  # 3 programs of 16 columns
+    y = kgemv.fused_gemv(h2, w2, norm_parts=parts, eps=1e-5)
+    ref = ops.rms_norm_linear_ref(ops.linear_add_ref(a, wo, None, h), 1e-5, w2)
+    assert_close(y, rms_oracle(h2, torch.ones(40), 1e-5) @ w2.double().T, ref, torch.float32, "parts -> norm")
 
 
 def test_gemv_strided_rows_and_leading_dims():
     # the head takes x[:, -1] of [B, T, H] (row stride T*H); layers pass [B, 1, H]
     g = gen(3)
-    x, r = randn(3, 4, 64, g=g), randn(3, 4, 64, g=g)
-    w, nw = randn(40, 64, g=g, scale=0.125), 1 + 0.1 * randn(64, g=g)
-    y, h = kgemv.fused_gemv(x[:, -1], w, None, kgemv.ADD_RMS_NORM, r[:, -1], nw, 1e-6)
-    ref, href = ops.add_rms_norm_linear_ref(x[:, -1], r[:, -1], nw, 1e-6, w)
-    assert torch.equal(h, href)
-    assert_close(y, rms_oracle(href, nw, 1e-6) @ w.double().T, ref, torch.float32, "strided rows")
-    _gemv_case(4, 40, 64, "plain", torch.float32, lead=(2, 2))
+    x = randn(3, 4, 64, g=g)
+    w = randn(40, 64, g=g, scale=0.125)
+    st = x[:, -1].pow(2).sum(-1, keepdim=True)
+    y = kgemv.fused_gemv(x[:, -1], w, norm_parts=st, eps=1e-6)
+    assert_close(y, rms_oracle(x[:, -1], torch.ones(64), 1e-6) @ w.double().T,
+                 ops.rms_norm_linear_ref(x[:, -1], 1e-6, w), torch.float32, "strided rows")
+    _gemv_case(4, 40, 64, torch.float32, lead=(2, 2), norm=True, parts=True)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [1, 7, 16])
-@pytest.mark.parametrize("kind,N,K", [("rms", 12288, 4096), ("plain", 4096, 4096), ("rms", 22016, 4096),
-                                      ("silu", 4096, 11008), ("rms", 32000, 4096), ("gelu", 4096, 16384),
-                                      ("plain", 1536, 5120)])
+@pytest.mark.parametrize("kind,N,K", [("norm", 12288, 4096), ("add_parts", 4096, 4096), ("norm_glu", 11008, 4096),
+                                      ("add_parts", 4096, 11008), ("norm", 32000, 4096), ("gelu", 16384, 4096),
+                                      ("bias_add", 4096, 16384), ("plain", 1536, 5120)])
 def test_gemv_gpu(M, kind, N, K, dtype):
-    _gemv_case(M, N, K, kind, dtype, bias=kind in ("gelu", "plain") and M == 7, residual=M != 16,
-               add=kind == "gelu")
+    kw = dict(GEMV_KINDS[kind])
+    if kind == "norm":
+        kw["nparts"] = 1 if M == 7 else 3
+    _gemv_case(M, N, K, dtype, **{"bias": kind in ("gelu", "plain") and M == 7, **kw})
 
 
 # ============================================================================ sampling
@@ -465,10 +484,6 @@ def test_ops_dispatch_matches():
     g = gen(11)
     x, r = randn(3, 64, g=g, dtype=torch.float16), randn(3, 64, g=g, dtype=torch.float16)
     w, b = (1 + 0.1 * randn(64, g=g)).half(), randn(64, g=g).half()
-    y, h = ops.add_rms_norm(x, r, w, 1e-6)
-    assert torch.equal(h, x + r)
-    assert_close(y, rms_oracle(x + r, w, 1e-6), ops.rms_norm_ref(x + r, w, 1e-6), torch.float16)
-    assert_close(ops.rms_norm(x, w, 1e-6), rms_oracle(x, w, 1e-6), ops.rms_norm_ref(x, w, 1e-6), torch.float16)
     y, h = ops.add_layer_norm(x, r, w, b, 1e-5)
     assert_close(y, ln_oracle(x + r, w, b, 1e-5), ops.layer_norm_ref(x + r, w, b, 1e-5), torch.float16)
     assert_close(ops.layer_norm(x, w, b, 1e-5), ln_oracle(x, w, b, 1e-5), ops.layer_norm_ref(x, w, b, 1e-5),
@@ -476,26 +491,27 @@ def test_ops_dispatch_matches():
     gu = randn(2, 3, 128, g=g, dtype=torch.float16)
     assert_close(ops.silu_mul(gu), silu_oracle(gu), ops.silu_mul_ref(gu), torch.float16)
     assert_close(ops.gelu_tanh(gu), gelu_oracle(gu), ops.gelu_tanh_ref(gu), torch.float16)
-    # projections: the fused GEMV at decode sizes on a GPU, the composite (norm kernel + F.linear) beyond
+    # projections: the fused GEMV at decode sizes on a GPU, torch / other kernels beyond
     for rows in (3, 40):
-        xs, rs = randn(rows, 64, g=g, dtype=torch.float16), randn(rows, 64, g=g, dtype=torch.float16)
+        xs, zs = randn(rows, 64, g=g, dtype=torch.float16), randn(rows, 48, g=g, dtype=torch.float16)
         ws, bs = randn(48, 64, g=g, scale=0.125).half(), randn(48, g=g).half()
-        y, h = ops.add_rms_norm_linear(xs, rs, w, 1e-6, ws, bs)
-        assert torch.equal(h, xs + rs)
-        assert_close(y, rms_oracle(xs + rs, w, 1e-6) @ ws.double().T + bs.double(),
-                     ops.add_rms_norm_linear_ref(xs, rs, w, 1e-6, ws, bs)[0], torch.float16, f"norm+linear {rows}")
-        y, h = ops.add_rms_norm_linear(xs, None, w, 1e-6, ws)
-        assert h is xs
-        assert_close(y, rms_oracle(xs, w, 1e-6) @ ws.double().T, ops.add_rms_norm_linear_ref(xs, None, w, 1e-6, ws)[0],
-                     torch.float16, f"norm+linear, no residual {rows}")
+        wgu = randn(96, 64, g=g, scale=0.125).half()
+        for stats in (None, xs.float().pow(2).sum(-1, keepdim=True)):
+            assert_close(ops.rms_norm_linear(xs, stats, 1e-6, ws, bs),
+                         rms_oracle(xs, torch.ones(64, device=DEV), 1e-6) @ ws.double().T + bs.double(),
+                         ops.rms_norm_linear_ref(xs, 1e-6, ws, bs), torch.float16, f"norm+linear {rows}")
+            assert_close(ops.rms_norm_linear(xs, stats, 1e-6, wgu, glu=True),
+                         silu_oracle(rms_oracle(xs, torch.ones(64, device=DEV), 1e-6) @ wgu.double().T),
+                         ops.rms_norm_linear_ref(xs, 1e-6, wgu, glu=True), torch.float16, f"norm+glu {rows}")
+        y, st = ops.linear_add(xs, ws, bs, zs)
+        assert_close(y, zs.double() + xs.double() @ ws.double().T + bs.double(), ops.linear_add_ref(xs, ws, bs, zs),
+                     torch.float16, f"linear+add {rows}")
+        if st is not None:
+            torch.testing.assert_close(st.sum(-1), y.float().pow(2).sum(-1), rtol=1e-4, atol=1e-4)
         assert_close(ops.linear(xs, ws, bs), xs.double() @ ws.double().T + bs.double(),
                      torch.nn.functional.linear(xs, ws, bs), torch.float16, f"linear {rows}")
-        gus, w32 = randn(rows, 128, g=g, dtype=torch.float16), randn(48, 64, g=g, scale=0.125).half()
-        assert_close(ops.silu_mul_linear(gus, w32), silu_oracle(gus) @ w32.double().T,
-                     ops.silu_mul_linear_ref(gus, w32), torch.float16, f"silu+linear {rows}")
-        zs = randn(rows, 48, g=g, dtype=torch.float16)
-        assert_close(ops.gelu_linear(xs, ws, bs, add=zs), gelu_oracle(xs) @ ws.double().T + bs.double() + zs.double(),
-                     ops.gelu_linear_ref(xs, ws, bs, zs), torch.float16, f"gelu+linear {rows}")
+        assert_close(ops.linear_gelu(xs, ws, bs), gelu_oracle(xs.double() @ ws.double().T + bs.double()),
+                     ops.linear_gelu_ref(xs, ws, bs), torch.float16, f"linear+gelu {rows}")
     B, T, Hq, Hkv, D, S = 2, 1, 4, 2, 64, 16
     q, k, v = randn(B, T, Hq, D, g=g), randn(B, T, Hkv, D, g=g), randn(B, T, Hkv, D, g=g)
     cos, sin = _rope_tables(B, T, D, torch.float32, g, DEV)
@@ -587,21 +603,20 @@ def test_bad_inputs_gemv():
         kgemv.fused_gemv(_t(17, 64), w)
     with pytest.raises(ValueError, match=r"x has dtype torch.float32, expected the weight's dtype torch.float16"):
         kgemv.fused_gemv(_t(2, 64, dtype=torch.float32), w)
-    with pytest.raises(ValueError, match=r"x has shape \(2, 64\), expected last dim 128"):
-        kgemv.fused_gemv(x, w, prologue=kgemv.SILU_MUL)
-    with pytest.raises(ValueError, match=r"prologue 7 is not one of"):
-        kgemv.fused_gemv(x, w, prologue=7)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 48\), expected last dim 64"):
+        kgemv.fused_gemv(_t(2, 48), w)
+    with pytest.raises(ValueError, match=r"glu and gelu are exclusive"):
+        kgemv.fused_gemv(x, w, glu=True, gelu=True)
+    with pytest.raises(ValueError, match=r"glu needs a \[gate; up\] weight with an even number of rows, got 33"):
+        kgemv.fused_gemv(x, _t(33, 64), glu=True)
     with pytest.raises(ValueError, match=r"bias has shape \(64,\), expected \(32,\)"):
         kgemv.fused_gemv(x, w, _t(64))
-    with pytest.raises(ValueError, match=r"norm_weight is \(32,\) torch.float16, expected \(64,\) torch.float16"):
-        kgemv.fused_gemv(x, w, None, kgemv.ADD_RMS_NORM, None, _t(32))
+    with pytest.raises(ValueError, match=r"norm_parts has dtype torch.float16"):
+        kgemv.fused_gemv(x, w, norm_parts=_t(2, 3))
+    with pytest.raises(ValueError, match=r"norm_parts has shape \(3, 2\), expected \(2,\) \+ \(P,\)"):
+        kgemv.fused_gemv(x, w, norm_parts=_t(3, 2, dtype=torch.float32))
     with pytest.raises(ValueError, match=r"eps must be a non-negative float, got -1"):
-        kgemv.fused_gemv(x, w, None, kgemv.ADD_RMS_NORM, None, _t(64), -1)
-    with pytest.raises(ValueError, match=r"residual is \(3, 64\) torch.float16, expected x's \(2, 64\)"):
-        kgemv.fused_gemv(x, w, None, kgemv.ADD_RMS_NORM, _t(3, 64), _t(64))
-    r = _t(2, 64)
-    with pytest.raises(ValueError, match=r"residual_out must not alias x or residual"):
-        kgemv.fused_gemv(x, w, None, kgemv.ADD_RMS_NORM, r, _t(64), residual_out=r)
+        kgemv.fused_gemv(x, w, norm_parts=_t(2, 1, dtype=torch.float32), eps=-1)
     with pytest.raises(ValueError, match=r"add is \(2, 64\) torch.float16, expected \(2, 32\)"):
         kgemv.fused_gemv(x, w, add=_t(2, 64))
     out = nan_like(_t(2, 32))
@@ -669,24 +684,23 @@ def _compile_check() -> int:
                 D=D, ROTARY=rot, BLOCK_H=8, BLOCK_HALF=triton.next_power_of_2(D // 2),
                 BLOCK_D=triton.next_power_of_2(D), sq_d=1, sk_d=1, sv_d=1, sc_d=1, ss_d=1),
                 nodiv=("sp_t", "T", "HQ", "HKV"))
-    gemv_ptrs = {n: "*bf16" for n in ("X", "R", "G", "W", "BIAS", "ADD", "Y", "HOUT")}
-    for prologue, bias, add in ((0, True, False), (1, False, False), (2, False, False), (3, True, True)):
-        for N, K in ((12288, 4096), (22016, 4096), (4096, 11008)):
-            bn, bk, warps, stages = kgemv._row_config(N, K)
-            k = comp(kgemv._gemv_row_kernel, gemv_ptrs, dict(
-                PROLOGUE=prologue, HAS_RES=prologue == 1, HAS_BIAS=bias, HAS_ADD=add, BLOCK_N=bn, BLOCK_K=bk),
-                warps=warps, stages=stages)
-            ptx = k.asm["ptx"]  # W (and x) in 16-byte loads; a 16-bit load is only the bias, once
-            assert "ld.global.v4.b32" in ptx or "cp.async" in ptx, f"gemv row kernel {prologue} N={N}: no vector loads"
-            assert bias or "ld.global.b16" not in ptx, f"gemv row kernel {prologue} N={N}: scalar 16-bit loads"
-    for bias, add in ((False, False), (True, True)):
-        for N, K in ((12288, 4096), (22016, 4096), (4096, 11008)):
-            bn, bk, warps, stages = kgemv._dot_config(N, K, False)
-            k = comp(kgemv._gemv_dot_kernel, gemv_ptrs, dict(HAS_BIAS=bias, HAS_ADD=add, IEEE=False, BLOCK_M=16,
-                     BLOCK_N=bn, BLOCK_K=bk), warps=warps, stages=stages, nodiv=("M",))
-            assert "cp.async" in k.asm["ptx"], f"gemv dot kernel N={N}: W loads not pipelined"
-    comp(kgemv._gemv_dot_kernel, {n: "*fp32" for n in gemv_ptrs}, dict(
-        HAS_BIAS=True, HAS_ADD=False, IEEE=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64), stages=2, nodiv=("M",))
+    gemv_ptrs = {n: "*bf16" for n in ("X", "W", "BIAS", "ADD", "Y")}
+    gemv_ptrs.update(PARTS_IN="*fp32", PARTS_OUT="*fp32")
+    for norm_in, glu, gelu, bias, add, parts in ((True, False, False, False, False, False),
+                                                 (False, False, False, False, True, True),
+                                                 (True, True, False, False, False, False),
+                                                 (False, False, True, True, False, False),
+                                                 (False, False, False, True, True, False)):
+        for N, K in ((12288, 4096), (11008, 4096), (4096, 11008)):
+            bn, bk, warps, stages = kgemv._config(N, K, False, glu)
+            k = comp(kgemv._gemv_kernel, gemv_ptrs, dict(
+                NORM_IN=norm_in, GLU=glu, GELU=gelu, HAS_BIAS=bias, HAS_ADD=add, PARTS=parts, IEEE=False,
+                BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=128), warps=warps, stages=stages,
+                nodiv=("M", "P_IN"))
+            assert "cp.async" in k.asm["ptx"], f"gemv N={N} glu={glu}: W loads not pipelined"
+    comp(kgemv._gemv_kernel, {n: "*fp32" for n in gemv_ptrs}, dict(
+        NORM_IN=True, GLU=True, GELU=False, HAS_BIAS=True, HAS_ADD=True, PARTS=True, IEEE=True, BLOCK_M=16,
+        BLOCK_N=32, BLOCK_K=64, BLOCK_P=2), stages=2, nodiv=("M", "P_IN"))
     comp(kact._silu_mul_kernel, dict(X="*bf16", Y="*bf16"), dict(BLOCK=1024))
     comp(kact._gelu_tanh_kernel, dict(X="*bf16", Y="*bf16"), dict(BLOCK=1024))
     print("all kernels compile for sm_90")

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- norms
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As transformers' LlamaRMSNorm: statistics in fp32, scale after casting back.
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    # As transformers' LlamaRMSNorm: statistics in fp32, scale after casting back (weight None: no scale).
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return xf.to(x.dtype) if weight is None else weight * xf.to(x.dtype)
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,20 +104,21 @@ def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- projections
-# A projection with the op before it: on the GPU at decode sizes one kernel (kernels/gemv.py).
-def add_rms_norm_linear_ref(x, residual, norm_weight, eps, weight, bias=None):
-    """-> (rms_norm(h) @ weight^T + bias, h) with h = x + residual (x when residual is None)."""
-    h = x if residual is None else x + residual
-    return F.linear(rms_norm_ref(h, norm_weight, eps), weight, bias), h
+# A projection with the small ops around it: on the GPU at decode sizes one kernel (kernels/gemv.py).
+def rms_norm_linear_ref(h, eps, weight, bias=None, glu=False):
+    """rms_norm(h) @ weight^T + bias, the norm without a weight (folded into `weight` at load time);
+    glu: weight is [gate; up] and the result is silu(gate) * up."""
+    y = F.linear(rms_norm_ref(h, None, eps), weight, bias)
+    return silu_mul_ref(y) if glu else y
 
 
-def silu_mul_linear_ref(gate_up, weight, bias=None):
-    return F.linear(silu_mul_ref(gate_up), weight, bias)
+def linear_add_ref(x, weight, bias, add):
+    """add + x @ weight^T + bias: a projection into the residual stream."""
+    return add + F.linear(x, weight, bias)
 
 
-def gelu_linear_ref(x, weight, bias=None, add=None):
-    y = F.linear(gelu_tanh_ref(x), weight, bias)
-    return y if add is None else add + y
+def linear_gelu_ref(x, weight, bias=None):
+    return gelu_tanh_ref(F.linear(x, weight, bias))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -203,20 +204,6 @@ def cache_write(k_cache, v_cache, k, v, positions) -> None:
     _ext.cache_write(k_cache, v_cache, k, v, positions)
 
 
-def rms_norm(x, weight, eps):
-    if _use_triton(x):
-        return _kernel("norm").rms_norm(x, weight, eps)
-    return rms_norm_ref(x, weight, eps)
-
-
-def add_rms_norm(x, residual, weight, eps):
-    """-> (rms_norm(x + residual), x + residual)."""
-    if _use_triton(x):
-        return _kernel("norm").add_rms_norm(x, residual, weight, eps)
-    h = x + residual
-    return rms_norm_ref(h, weight, eps), h
-
-
 def layer_norm(x, weight, bias, eps):
     if _use_triton(x):
         return _kernel("norm").layer_norm(x, weight, bias, eps)
@@ -262,7 +249,7 @@ def gelu_tanh(x):
 
 
 def _gemv_ok(x: torch.Tensor) -> bool:
-    """Decode-sized rows on a GPU: the fused GEMV (kernels/gemv.py) beats cuBLAS and absorbs the op before."""
+    """Decode-sized rows on a GPU: the fused GEMV (kernels/gemv.py) beats cuBLAS and absorbs the ops around."""
     return _use_triton(x) and x.numel() <= 16 * x.shape[-1]
 
 
@@ -272,33 +259,29 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
-def add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias=None):
-    """-> (rms_norm(h) @ weight^T + bias, h), h = x + residual (x when residual is None): the residual
-    stream carried on. One kernel at decode sizes on the GPU."""
+def rms_norm_linear(h, stats, eps, weight, bias=None, glu=False):
+    """rms_norm(h) @ weight^T + bias (the norm's weight folded into `weight`); glu: silu(gate) * up of a
+    [gate; up] weight. stats: [..., P] fp32 partial sums of h**2 from linear_add (None: computed here)."""
+    if _gemv_ok(h):
+        if stats is None:
+            stats = h.float().pow(2).sum(-1, keepdim=True)
+        return _kernel("gemv").fused_gemv(h, weight, bias, norm_parts=stats, eps=eps, glu=glu)
+    y = F.linear(rms_norm_ref(h, None, eps), weight, bias)  # prompt pass: compute-bound, torch is fine
+    return silu_mul(y) if glu else y
+
+
+def linear_add(x, weight, bias, add):
+    """-> (add + x @ weight^T + bias, stats): the new residual stream and, from the fused GEMV, the partial
+    sums of its squares that the next rms_norm_linear uses (None elsewhere)."""
     if _gemv_ok(x):
-        g = _kernel("gemv")
-        return g.fused_gemv(x, weight, bias, g.ADD_RMS_NORM, residual, norm_weight, eps)
-    if residual is None:
-        return F.linear(rms_norm(x, norm_weight, eps), weight, bias), x
-    h, residual = add_rms_norm(x, residual, norm_weight, eps)
-    return F.linear(h, weight, bias), residual
+        return _kernel("gemv").fused_gemv(x, weight, bias, add=add, parts_out=True)
+    return add + F.linear(x, weight, bias), None
 
 
-def silu_mul_linear(gate_up, weight, bias=None):
-    """silu(gate) * up @ weight^T + bias on a fused [.., 2I] gate/up projection."""
-    if _gemv_ok(gate_up):
-        g = _kernel("gemv")
-        return g.fused_gemv(gate_up, weight, bias, g.SILU_MUL)
-    return F.linear(silu_mul(gate_up), weight, bias)
-
-
-def gelu_linear(x, weight, bias=None, add=None):
-    """gelu_tanh(x) @ weight^T + bias, then add + that (when given): Bloom's MLP and residual add."""
+def linear_gelu(x, weight, bias=None):
     if _gemv_ok(x):
-        g = _kernel("gemv")
-        return g.fused_gemv(x, weight, bias, g.GELU, add=add)
-    y = F.linear(gelu_tanh(x), weight, bias)
-    return y if add is None else add + y
+        return _kernel("gemv").fused_gemv(x, weight, bias, gelu=True)
+    return gelu_tanh(F.linear(x, weight, bias))
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):

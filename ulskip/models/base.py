@@ -77,11 +77,11 @@ class DecoderLM(nn.Module):
         if missing:
             raise ValueError(f"layers {missing} were not loaded (loaded: {self.layer_ids})")
         x = self.embed(tokens, step)
-        residual = None
+        stats = None  # what the layers pass along with the stream (Llama: norm statistics; Bloom: None)
         for i in run_layers:
-            x, residual = self.layers[str(i)](x, residual, step, i)
+            x, stats = self.layers[str(i)](x, stats, step, i)
         if last_index is not None:
             rows = torch.arange(x.shape[0], device=x.device)
             x = x[rows, last_index].unsqueeze(1)
-            residual = None if residual is None else residual[rows, last_index].unsqueeze(1)
-        return self.head(x[:, -1], None if residual is None else residual[:, -1]).float()
+            stats = None if stats is None else stats[rows, last_index].unsqueeze(1)
+        return self.head(x[:, -1], None if stats is None else stats[:, -1]).float()

@@ -38,8 +38,8 @@ class BloomLayer(nn.Module):
             h = ops.layer_norm(x, self.post_norm.weight, self.post_norm.bias, self.eps)
         else:  # fused: x <- x + a, h <- ln(x)
             h, x = ops.add_layer_norm(a, x, self.post_norm.weight, self.post_norm.bias, self.eps)
-        up = ops.linear(h, self.up.weight, self.up.bias)
-        x = ops.gelu_linear(up, self.down.weight, self.down.bias, add=h if self.post_norm_residual else x)
+        act = ops.linear_gelu(h, self.up.weight, self.up.bias)
+        x = ops.linear_add(act, self.down.weight, self.down.bias, h if self.post_norm_residual else x)[0]
         return x, None
 
 

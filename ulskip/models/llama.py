@@ -1,7 +1,8 @@
 """Llama family (Llama 1/2/3, Mistral, Qwen2): RMSNorm, rotary, GQA, SwiGLU.
 
 Weights are fused at load time: q|k|v into one [(Hq + 2 Hkv) D, H] projection and gate|up into one
-[2 I, H] projection, so each is one GEMM (DESIGN.md §4). Shapes: B batch, T new tokens, H hidden.
+[2 I, H] projection, so each is one GEMM (DESIGN.md §4), and each RMSNorm weight is folded into the
+projection after it (fold_norms). Shapes: B batch, T new tokens, H hidden.
 """
 from __future__ import annotations
 
@@ -25,19 +26,18 @@ class LlamaLayer(nn.Module):
         self.gate_up = nn.Linear(H, 2 * I, bias=cfg.mlp_bias)
         self.down = nn.Linear(I, H, bias=cfg.mlp_bias)
 
-    def forward(self, x, residual, step: Step, layer: int):
-        # x: [B, T, H] output of the previous sublayer; residual: the running stream (None at first).
-        # Each norm runs inside the projection after it, the SwiGLU inside `down` (ops.*_linear).
-        qkv, residual = ops.add_rms_norm_linear(x, residual, self.input_norm, self.eps,
-                                                self.qkv.weight, self.qkv.bias)
+    def forward(self, h, stats, step: Step, layer: int):
+        # h: [B, T, H] the residual stream; stats: partial sums of h**2 for the next norm, or None.
+        # The norms' weights live in qkv / gate_up (LlamaLM.fold_norms), so each norm runs inside the
+        # projection after it and each residual add inside the projection before it (ops.*).
+        qkv = ops.rms_norm_linear(h, stats, self.eps, self.qkv.weight, self.qkv.bias)
         B, T, _ = qkv.shape
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         a = attention(q.view(B, T, self.hq, self.d), k.view(B, T, self.hkv, self.d),
                       v.view(B, T, self.hkv, self.d), step, layer, self.d ** -0.5)
-        gate_up, residual = ops.add_rms_norm_linear(ops.linear(a, self.o.weight, self.o.bias), residual,
-                                                    self.post_norm, self.eps, self.gate_up.weight,
-                                                    self.gate_up.bias)
-        return ops.silu_mul_linear(gate_up, self.down.weight, self.down.bias), residual
+        h, stats = ops.linear_add(a, self.o.weight, self.o.bias, h)
+        act = ops.rms_norm_linear(h, stats, self.eps, self.gate_up.weight, self.gate_up.bias, glu=True)
+        return ops.linear_add(act, self.down.weight, self.down.bias, h)
 
 
 class LlamaLM(DecoderLM):
@@ -64,8 +64,22 @@ class LlamaLM(DecoderLM):
         step.sin = (emb.sin() * self.rope_scale).to(x.dtype)
         return x
 
-    def head(self, x, residual):
-        return ops.add_rms_norm_linear(x, residual, self.norm, self.cfg.norm_eps, self.lm_head.weight)[0]
+    def fold_norms(self):
+        """After loading: multiply each RMSNorm's weight into the projection that follows it (exact in
+        real arithmetic: rms_norm(h, g) @ W^T = rms_norm(h) @ (W * g)^T; one rounding of W * g in the
+        model dtype), so the norm needs no kernel of its own. The head gets its own tensor (a tied
+        embedding is left as it is)."""
+        def fold(w, g):
+            return nn.Parameter((w.float() * g.float()).to(w.dtype), requires_grad=False)
+        for layer in self.layers.values():
+            layer.qkv.weight = fold(layer.qkv.weight, layer.input_norm)
+            layer.gate_up.weight = fold(layer.gate_up.weight, layer.post_norm)
+            del layer.input_norm, layer.post_norm
+        self.lm_head.weight = fold(self.lm_head.weight, self.norm)
+        del self.norm
+
+    def head(self, h, stats):
+        return ops.rms_norm_linear(h, stats, self.cfg.norm_eps, self.lm_head.weight)
 
     @staticmethod
     def hf_names(cfg, ours: str) -> list[str]:
