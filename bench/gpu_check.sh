@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh STAGE...   stages: build test kbench quick llama llamac bloom bloomc train
 # train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile, recheck = short ulskip vs HF eager re-run,
 # gemv = Triton GEMV vs cuBLAS probe, gemvf = the fused batch-1 GEMV of kernels/gemv.py with a config sweep
-# (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile)
+# (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile,
+# quick/bloomu = ulskip rows only, to merge with earlier baseline rows: ulskip bench --merge)
 # Every stage logs to $OUT/<stage>.log; the summary table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,7 @@ for s in "${STAGES[@]}"; do
     recheck) stage recheck 120 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-skip --target-speedups 1,2 --batch-sizes 1,16 --json $OUT/recheck.json" ;;
     llama)  stage llama 200 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/llama-2-7b.a.json" ;;
     llamac) stage llamac 280 "$BENCH --model llama-2-7b --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/llama-2-7b.b.json" ;;
+    bloomu) stage bloomu 120 "$BENCH --model bloom-7b1 --systems ulskip --json $OUT/bloom-7b1.u.json" ;;
     bloom)  stage bloom 170 "$BENCH --model bloom-7b1 --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/bloom-7b1.a.json" ;;
     bloomc) stage bloomc 230 "$BENCH --model bloom-7b1 --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/bloom-7b1.b.json" ;;
     train)  stage train 60 "python3 bench/train_bench.py --out $OUT/train_bench.json" ;;

@@ -27,7 +27,7 @@ def _rms_norm_kernel(
     X, R, W, Y, H,                      # input, residual, weight, normed out, sum out
     stride_x, stride_r, stride_y, stride_h,  # row strides (the last dim is contiguous)
     N, eps,
-    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -41,8 +41,9 @@ def _rms_norm_kernel(
     var = tl.sum(x * x, axis=0) / N
     rstd = 1.0 / tl.sqrt(var + eps)
     xn = (x * rstd).to(X.dtype.element_ty).to(tl.float32)  # HF casts back before the weight
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (w * xn).to(Y.dtype.element_ty), mask=mask)
+    if HAS_W:
+        xn = xn * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, xn.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -89,8 +90,9 @@ def _check_common(kind, x, residual, weight, bias, eps):
         check_tensor("residual", residual, device=x.device)
         check_shape("residual", residual, x.shape)
         check_same_dtype("residual", residual, x.dtype)
-    check_tensor("weight", weight, ndim=1, device=x.device)
-    check_shape("weight", weight, (N,))
+    if weight is not None or kind == "ln":
+        check_tensor("weight", weight, ndim=1, device=x.device)
+        check_shape("weight", weight, (N,))
     if bias is not None or kind == "ln":
         check_tensor("bias", bias, ndim=1, device=x.device)
         check_shape("bias", bias, (N,))
@@ -101,7 +103,7 @@ def _check_common(kind, x, residual, weight, bias, eps):
 
 def _norm(kind, x, residual, weight, bias, eps, out, residual_out):
     N = _check_common(kind, x, residual, weight, bias, eps)
-    out_dtype = torch.promote_types(weight.dtype, x.dtype) if kind == "rms" else x.dtype
+    out_dtype = torch.promote_types(weight.dtype, x.dtype) if kind == "rms" and weight is not None else x.dtype
     if out is None:
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     else:
@@ -124,8 +126,8 @@ def _norm(kind, x, residual, weight, bias, eps, out, residual_out):
     grid = (x2.shape[0],)
     common = dict(HAS_RES=residual is not None, BLOCK_N=BLOCK_N, num_warps=row_warps(BLOCK_N))
     if kind == "rms":
-        _rms_norm_kernel[grid](x2, r2, weight, y2, h2, x2.stride(0), r2.stride(0), y2.stride(0),
-                               h2.stride(0), N, float(eps), **common)
+        _rms_norm_kernel[grid](x2, r2, weight if weight is not None else x2, y2, h2, x2.stride(0), r2.stride(0),
+                               y2.stride(0), h2.stride(0), N, float(eps), HAS_W=weight is not None, **common)
     else:
         _layer_norm_kernel[grid](x2, r2, weight, bias, y2, h2, x2.stride(0), r2.stride(0), y2.stride(0),
                                  h2.stride(0), N, float(eps), **common)
@@ -133,7 +135,7 @@ def _norm(kind, x, residual, weight, bias, eps, out, residual_out):
 
 
 def rms_norm(x, weight, eps, out=None):
-    """x [.., N], weight [N] -> RMSNorm(x) [.., N] in promote_types(weight, x)."""
+    """x [.., N], weight [N] or None (no scale) -> RMSNorm(x) [.., N] in promote_types(weight, x)."""
     return _norm("rms", x, None, weight, None, eps, out, None)
 
 

@@ -136,6 +136,15 @@ def test_norm_gpu(shape, fused, kind, dtype):
     _norm_case(shape, dtype, kind, fused, strided=False)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_without_weight(dtype):
+    # the engine's prompt pass: the norm weight lives in the next projection (LlamaLM.fold_norms)
+    x = randn(5, 200, dtype=dtype, g=gen(8))
+    y = knorm.rms_norm(x, None, 1e-6)
+    assert y.dtype == dtype
+    assert_close(y, rms_oracle(x, torch.ones(200, device=DEV), 1e-6), ops.rms_norm_ref(x, None, 1e-6), dtype, "rms, no weight")
+
+
 def test_rms_norm_promotes_like_hf():
     # fp32 weight on fp16 activations: HF's `weight * x.to(fp16)` gives fp32
     x = randn(4, 64, dtype=torch.float16, g=gen(1))
@@ -673,9 +682,10 @@ def _compile_check() -> int:
     comp(kattn._decode_attn_reduce_kernel, dict(M_P="*fp32", L_P="*fp32", ACC_P="*fp32", OUT="*bf16"),
          dict(D=80, BLOCK_S=16, BLOCK_D=128), nodiv=("SPLITS",))
     norm_ptrs = {n: "*bf16" for n in ("X", "R", "W", "B", "Y", "H")}
-    for kern in (knorm._rms_norm_kernel, knorm._layer_norm_kernel):
-        for res in (True, False):
-            comp(kern, norm_ptrs, dict(HAS_RES=res, BLOCK_N=4096), warps=8)
+    for res in (True, False):
+        comp(knorm._layer_norm_kernel, norm_ptrs, dict(HAS_RES=res, BLOCK_N=4096), warps=8)
+        for has_w in (True, False):
+            comp(knorm._rms_norm_kernel, norm_ptrs, dict(HAS_RES=res, HAS_W=has_w, BLOCK_N=4096), warps=8)
     rot_ptrs = {n: "*bf16" for n in ("Q", "K", "V", "COS", "SIN", "KC", "VC", "QO")}
     rot_ptrs["POS"] = "*i64"
     for rot in (True, False):

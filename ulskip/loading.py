@@ -92,6 +92,8 @@ def build_model(cfg, layer_ids, source, dtype: torch.dtype, device, where: str =
             loaded[hf] = t.to(device=device, dtype=dtype)
         state[ours] = loaded[hf]
     model.load_state_dict(state, assign=True, strict=True)
+    state.clear()
+    loaded.clear()  # the model holds the only references now, so folding frees each tensor it replaces
     if hasattr(model, "fold_norms"):  # norm weights into the next projection (models/llama.py)
         model.fold_norms()
     model.init_buffers(device)  # computed tables (rotary, ALiBi) were made on meta: rebuild them

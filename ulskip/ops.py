@@ -266,7 +266,8 @@ def rms_norm_linear(h, stats, eps, weight, bias=None, glu=False):
         if stats is None:
             stats = h.float().pow(2).sum(-1, keepdim=True)
         return _kernel("gemv").fused_gemv(h, weight, bias, norm_parts=stats, eps=eps, glu=glu)
-    y = F.linear(rms_norm_ref(h, None, eps), weight, bias)  # prompt pass: compute-bound, torch is fine
+    hn = _kernel("norm").rms_norm(h, None, eps) if _use_triton(h) else rms_norm_ref(h, None, eps)
+    y = F.linear(hn, weight, bias)
     return silu_mul(y) if glu else y
 
 
@@ -275,6 +276,9 @@ def linear_add(x, weight, bias, add):
     sums of its squares that the next rms_norm_linear uses (None elsewhere)."""
     if _gemv_ok(x):
         return _kernel("gemv").fused_gemv(x, weight, bias, add=add, parts_out=True)
+    if x.is_cuda and bias is None:  # one cuBLAS call (beta = 1): the add rides in its epilogue
+        N = weight.shape[0]
+        return torch.addmm(add.reshape(-1, N), x.reshape(-1, x.shape[-1]), weight.t()).view(add.shape), None
     return add + F.linear(x, weight, bias), None
 
 
