@@ -6,6 +6,7 @@ Submodules (each imports triton; import them only where triton is available):
   rotary            rotary_cache_write (rotary on q/k fused with the compact-cache write of k/v)
   decode_attention  decode_attention (split-KV flash-decoding, GQA, ALiBi, per-sequence lengths)
   activation        silu_mul, gelu_tanh
+  gemv              fused_gemv (decode projections with norm / SwiGLU / GeLU / residual-add epilogues)
 
 The PyTorch references that define every kernel's semantics live in `ulskip.ops` (the *_ref functions);
 `ulskip.ops` dispatches to these kernels for CUDA tensors.
