@@ -32,7 +32,7 @@ for s in "${STAGES[@]}"; do
   case $s in
     build)  stage build 90 "bash bench/gpu_build.sh"
             [ "${RC[build]}" = 0 ] || { echo "build failed: stopping"; break; } ;;
-    test)   stage test 160 "python3 -m pytest -q -m gpu tests" ;;
+    test)   stage test 240 "python3 -m pytest -q -m gpu tests" ;;
     kbench) stage kbench 120 "python3 bench/kernel_bench.py --out $OUT/kernel_bench.md" ;;
     quick)  stage quick 200 "$BENCH --model llama-2-7b --systems ulskip --json $OUT/quick.json" ;;
     recheck) stage recheck 120 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-skip --target-speedups 1,2 --batch-sizes 1,16 --json $OUT/recheck.json" ;;

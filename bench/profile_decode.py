@@ -1,4 +1,5 @@
-"""Where one decode step's time goes (GPU): per-kernel breakdown and the split-KV choice at batch 1.
+"""Where one decode step's time goes (GPU): per-kernel breakdown, the split-KV choice at batch 1, and the
+prompt pass eager against its CUDA graph.
 
     python bench/profile_decode.py [--model llama-2-7b] [--batch 1] [--speedup 1]
 
@@ -6,6 +7,8 @@
    and the step time of the CUDA-graph replay (so launch gaps = replay time - kernel sum).
 2. Decode attention alone at the bench's shape (S = 256, 192 visible keys) for several split counts,
    each captured in a CUDA graph and replayed, so launch overhead is not counted.
+3. The prompt pass of the same batch (128 tokens each, all layers with prefill="full"): launched from
+   Python (eager) against the replay of its CUDA graph (ulskip/graphs.py), and its kernel time sum.
 """
 import argparse
 import collections
@@ -55,6 +58,8 @@ def main():
     for name, us in kernels.most_common(15):
         print(f"| {name} | {counts[name]} | {us:.0f} | {100 * us / total:.1f} |")
 
+    prefill_report(eng, prompts, dev)
+
     from ulskip.kernels.decode_attention import decode_attention
     print("\ndecode attention alone, B=%d Hq=Hkv=32 D=128 S=256, 192 visible keys (graph replay)" % B)
     print("| splits | us |\n|---|---|")
@@ -64,6 +69,23 @@ def main():
     for splits in (1, 2, 4, 8):
         us = graph_us(lambda: decode_attention(q, kc, vc, lens, 128 ** -0.5, num_splits=splits), iters=200)
         print(f"| {splits} | {us:.1f} |")
+
+
+def prefill_report(eng, prompts, dev):
+    tokens = torch.tensor(prompts, device=dev)
+    lengths = torch.full((len(prompts),), tokens.shape[1], device=dev)
+    with torch.inference_mode():
+        eager_us = events_us(lambda: eng._prefill_eager(tokens, lengths), iters=20)
+        graph_us_ = events_us(lambda: eng._prefill(tokens, lengths), iters=20) \
+            if eng.prefill_graphs is not None and eng.prefill_graphs.fits(*tokens.shape) else float("nan")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            eng._prefill_eager(tokens, lengths)
+            torch.cuda.synchronize()
+    cuda = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ksum = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in cuda)
+    print(f"\nprompt pass, {tokens.shape[0]} x {tokens.shape[1]} tokens through {len(eng.prefill_layers)} layers: "
+          f"eager {eager_us / 1e3:.2f} ms, CUDA graph {graph_us_ / 1e3:.2f} ms, "
+          f"kernel time sum {ksum / 1e3:.2f} ms over {len(cuda)} kernels")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ulskip import Engine
+from ulskip.graphs import prefill_bucket
 from tiny_models import FAMILIES, make_hf_model, save
 
 pytestmark = pytest.mark.gpu
@@ -18,9 +19,11 @@ def path(request, tmp_path_factory):
     return save(make_hf_model(request.param, num_layers=8), tmp_path_factory.mktemp(request.param))
 
 
-def _run(path, device, dtype, graphs=True, **kw):
+def _run(path, device, dtype, graphs=True, prefill_graphs=True, **kw):
     eng = Engine.from_pretrained(path, target_speedup=2, device=device, dtype=dtype, max_seq_len=128,
                                  max_batch_size=8, cuda_graphs=graphs)
+    if not prefill_graphs:
+        eng.prefill_graphs = None
     return eng.generate(PROMPTS, max_new_tokens=12, output_scores=True, **kw)
 
 
@@ -60,12 +63,54 @@ def _common_prefix(a, b):
     return n + 1  # scores of step n are computed from identical inputs too
 
 
-def test_graphs_equal_eager(path):
-    g = _run(path, "cuda", "bf16", graphs=True)
+def test_decode_graphs_equal_eager(path):
+    """The decode graph replays the eager step's kernels: bit for bit (same prompt pass on both sides)."""
+    g = _run(path, "cuda", "bf16", graphs=True, prefill_graphs=False)
     e = _run(path, "cuda", "bf16", graphs=False)
     assert g.sequences == e.sequences
     for a, b in zip(g.scores, e.scores):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_all_graphs_equal_eager(path):
+    """With the prompt pass a graph too (padded to its bucket: other GEMM shapes, so not bit for bit)."""
+    g = _run(path, "cuda", "fp32", graphs=True)
+    e = _run(path, "cuda", "fp32", graphs=False)
+    assert g.sequences == e.sequences
+    assert _rel_err(g.scores, e.scores) < 1e-5
+
+
+def _same(a, b):
+    # a wrong row, a stale buffer or garbage shows as an O(1) difference; rounding is ~1e-3 of the scale
+    assert float((a.float() - b.float()).abs().max()) <= 1e-2 * float(b.float().abs().max())
+
+
+def test_prefill_graph_equals_eager_at_the_padded_shape(path):
+    """A prompt-pass replay equals the eager pass over the bucket's padded shape (logits and live cache
+    entries; to bf16 rounding, should cuBLAS pick other kernels under capture); one graph per bucket,
+    reused by other batch sizes and lengths in it."""
+    eng = Engine.from_pretrained(path, target_speedup=2, device="cuda", dtype="bf16", max_seq_len=128,
+                                 max_batch_size=8)
+    for prompts in (PROMPTS, PROMPTS[:2] + [[5] * 40, [6] * 50], [[3] * 20]):
+        T = max(len(p) for p in prompts)
+        tokens = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device="cuda")
+        lengths = torch.tensor([len(p) for p in prompts], device="cuda")
+        with torch.inference_mode():
+            got = eng._prefill(tokens, lengths).clone()
+        k, v = eng.cache.k.clone(), eng.cache.v.clone()
+        b, t = prefill_bucket(len(prompts), T, 8, 128)
+        assert (b, t) in eng.prefill_graphs.graphs
+        padded = torch.zeros(b, t, dtype=torch.long, device="cuda")
+        padded[:len(prompts), :T] = tokens
+        padded_lengths = torch.ones(b, dtype=torch.long, device="cuda")
+        padded_lengths[:len(prompts)] = lengths
+        with torch.inference_mode():
+            want = eng._prefill_eager(padded, padded_lengths)[:len(prompts)]
+        _same(got, want)
+        for i, n in enumerate(lengths.tolist()):
+            _same(k[:, i, :, :n], eng.cache.k[:, i, :, :n])
+            _same(v[:, i, :, :n], eng.cache.v[:, i, :, :n])
+    assert sorted(eng.prefill_graphs.graphs) == [(1, 32), (4, 64)]  # the 4-prompt call replayed (4, 64)
 
 
 def test_beam_and_sampling_on_gpu(path):

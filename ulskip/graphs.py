@@ -1,13 +1,23 @@
-"""CUDA graphs for the decode step: one graph per batch-size bucket, replayed every step.
+"""CUDA graphs for the decode step and for short prompt passes, captured on first use, then replayed.
 
-A decode step of a 7B model is ~300 small kernels; launched one by one from Python they cost more
-than the weights take to stream at batch 1. Every sequence shares the schedule, so the step is a
-static program: capture it once per bucket (static token/position buffers, static logits), then
-each step is two small copies and one replay.
+A decode step of a 7B model is a few hundred small kernels; launched one by one from Python they cost
+more than the weights take to stream at batch 1. Every sequence shares the schedule, so the step is a
+static program: capture it once per batch-size bucket (static token/position buffers, static logits),
+then each step is two small copies and one replay.
+
+A short prompt pass is launch-bound the same way (~20 kernels per layer from Python: ~20 ms for a
+128-token prompt of a 7B model, where reading the weights takes ~4 ms), so prompt passes of up to
+PREFILL_GRAPH_TOKENS padded tokens are graphs too, one per (batch bucket, length bucket). Longer ones
+run eagerly: there the GEMMs take longer than the launches, and a graph per shape would only cost memory.
 """
 from __future__ import annotations
 
 import torch
+
+# batch bucket x length bucket up to which the prompt pass is a graph. At 512 tokens the GEMMs of a 7B
+# model take ~10 ms on an H200, about what the eager launches take, so padding up to 2x never loses.
+PREFILL_GRAPH_TOKENS = 512
+MIN_PREFILL_BUCKET = 16
 
 
 def buckets(max_batch_size: int) -> list[int]:
@@ -16,6 +26,34 @@ def buckets(max_batch_size: int) -> list[int]:
         out.append(b)
         b *= 2
     return out + [max_batch_size]
+
+
+def _batch_bucket(sizes: list[int], n: int) -> int:
+    return next(s for s in sizes if s >= n)
+
+
+def prefill_bucket(n: int, length: int, max_batch_size: int, max_seq_len: int,
+                   max_tokens: int = PREFILL_GRAPH_TOKENS) -> tuple[int, int] | None:
+    """(batch bucket, padded length) of the graph that runs n prompts of up to `length` tokens, or None
+    when the padded pass exceeds max_tokens (it then runs eagerly). Lengths round up to a power of two
+    (at least MIN_PREFILL_BUCKET, at most max_seq_len), so few shapes are ever captured."""
+    b = _batch_bucket(buckets(max_batch_size), n)
+    t = min(max(MIN_PREFILL_BUCKET, 1 << (length - 1).bit_length()), max_seq_len)
+    return (b, t) if b * t <= max_tokens else None
+
+
+def _capture(fn, args, pool, device):
+    """Warm up off the default stream (Triton compiles, cuBLAS picks kernels), then capture fn(*args)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn(*args)
+    return graph, out
 
 
 class DecodeGraphs:
@@ -30,30 +68,54 @@ class DecodeGraphs:
         self.tokens = torch.zeros(max_batch_size, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch_size, dtype=torch.long, device=device)
 
-    def _capture(self, b: int):
-        tokens, positions = self.tokens[:b], self.positions[:b]
-        positions.fill_(self.scratch_pos)  # the warm-up really runs: keep it off live cache entries
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm up outside the graph: Triton compiles, cuBLAS picks kernels
-            for _ in range(2):
-                self.decode_fn(tokens, positions)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.decode_fn(tokens, positions)
-        self.graphs[b] = (graph, logits)
-
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[0]
-        b = next(s for s in self.sizes if s >= n)
+        b = _batch_bucket(self.sizes, n)
         if b not in self.graphs:
-            self._capture(b)
+            self.positions[:b].fill_(self.scratch_pos)  # the warm-up really runs: keep it off live entries
+            self.graphs[b] = _capture(self.decode_fn, (self.tokens[:b], self.positions[:b]), self.pool, self.device)
         graph, logits = self.graphs[b]
         # padding rows decode token 0 at position 0 (one key to read) into cache rows no sequence uses
         self.tokens[n:b].zero_()
         self.positions[n:b].zero_()
         self.tokens[:n].copy_(tokens)
         self.positions[:n].copy_(positions)
+        graph.replay()
+        return logits[:n]
+
+
+class PrefillGraphs:
+    """Prompt passes that fit prefill_bucket(): right-padded to the bucket's shape, replayed."""
+
+    def __init__(self, prefill_fn, max_batch_size: int, max_seq_len: int, device):
+        self.prefill_fn, self.device = prefill_fn, device
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.graphs = {}  # (b, t) -> (graph, static tokens [b, t], static lengths [b], static logits [b, V])
+        self.pool = torch.cuda.graph_pool_handle()  # shared by the prefill graphs: one runs at a time
+
+    def fits(self, n: int, length: int) -> bool:
+        return prefill_bucket(n, length, self.max_batch_size, self.max_seq_len) is not None
+
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens [n, T] right-padded prompts, lengths [n] -> logits [n, V] (the graph's static buffer:
+        valid until the next prompt pass). Padding runs after every real token (causal attention: no
+        real token sees it) and writes cache rows / positions that no live sequence reads before it
+        writes them itself; the same holds for the capture's warm-up runs."""
+        n, T = tokens.shape
+        key = prefill_bucket(n, T, self.max_batch_size, self.max_seq_len)
+        if key is None:
+            raise ValueError(f"{n} prompts of {T} tokens exceed the prefill graphs' bucket limit "
+                             f"({PREFILL_GRAPH_TOKENS} padded tokens); run them eagerly")
+        if key not in self.graphs:
+            b, t = key
+            tok = torch.zeros(b, t, dtype=torch.long, device=self.device)
+            lens = torch.ones(b, dtype=torch.long, device=self.device)
+            graph, logits = _capture(self.prefill_fn, (tok, lens), self.pool, self.device)
+            self.graphs[key] = (graph, tok, lens, logits)
+        graph, tok, lens, logits = self.graphs[key]
+        tok.zero_()
+        tok[:n, :T].copy_(tokens)
+        lens.fill_(1)  # padding rows: one token each
+        lens[:n].copy_(lengths)
         graph.replay()
         return logits[:n]
