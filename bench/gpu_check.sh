@@ -4,7 +4,8 @@
 # train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile, recheck = short ulskip vs HF eager re-run,
 # gemv = Triton GEMV vs cuBLAS probe, gemvf = the fused batch-1 GEMV of kernels/gemv.py with a config sweep
 # (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile,
-# quick/bloomu = ulskip rows only, to merge with earlier baseline rows: ulskip bench --merge)
+# quick/bloomu = ulskip rows only, to merge with earlier baseline rows: ulskip bench --merge;
+# quick1/bloomu1 = the same at batch 1 only)
 # Every stage logs to $OUT/<stage>.log; the summary table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,8 @@ for s in "${STAGES[@]}"; do
     test)   stage test 240 "python3 -m pytest -q -m gpu tests" ;;
     kbench) stage kbench 120 "python3 bench/kernel_bench.py --out $OUT/kernel_bench.md" ;;
     quick)  stage quick 200 "$BENCH --model llama-2-7b --systems ulskip --json $OUT/quick.json" ;;
+    quick1) stage quick1 120 "$BENCH --model llama-2-7b --systems ulskip --batch-sizes 1 --json $OUT/quick1.json" ;;
+    bloomu1) stage bloomu1 90 "$BENCH --model bloom-7b1 --systems ulskip --batch-sizes 1 --json $OUT/bloom1.json" ;;
     recheck) stage recheck 120 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-skip --target-speedups 1,2 --batch-sizes 1,16 --json $OUT/recheck.json" ;;
     llama)  stage llama 200 "$BENCH --model llama-2-7b --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/llama-2-7b.a.json" ;;
     llamac) stage llamac 280 "$BENCH --model llama-2-7b --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/llama-2-7b.b.json" ;;
