@@ -1,6 +1,6 @@
 """Probe for the GPU issue's next step: can a Triton GEMV beat cuBLAS on the decode projections?
 
-The batch-1 profile (bench/results/profile_decode_h200.md) puts 3.6 ms of a 4.3 ms Llama-2-7B step in
+The batch-1 profile of the cuBLAS-projection engine (bench/RESULTS.md) put 3.6 ms of a 4.3 ms Llama-2-7B step in
 cuBLAS GEMV-like kernels at ~89% of the copy bandwidth, plus split-K reduce kernels. A Triton GEMV would
 also let the RMSNorm and the SwiGLU fuse into the projections (fewer kernels per layer). This script only
 measures: y[M, N] = x[M, K] @ W[N, K]^T for the four Llama-2-7B projections at M = 1 and 16, a small

@@ -190,6 +190,15 @@ def test_merge(tmp_path, capsys):
     rows = {(r["system"], r["target_speedup"]): r for r in json.loads(out.read_text())["rows"]}
     assert rows[("hf-compile-skip", 2)]["speedup_vs_1x"] == pytest.approx(1.5)
     assert rows[("hf-compile-skip", 2)]["speedup_vs_hf_eager_full"] == pytest.approx(3.0)
+    # a later file's row of the same system / speedup / batch size replaces the earlier one
+    (tmp_path / "c.json").write_text(json.dumps({"meta": meta, "rows": [row("hf-compile-skip", 1, 8, 15.0)]}))
+    assert main(["bench", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), str(tmp_path / "c.json"),
+                 "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())["rows"]
+    assert len(merged) == 3
+    rows = {(r["system"], r["target_speedup"]): r for r in merged}
+    assert rows[("hf-compile-skip", 1)]["tokens_per_s"] == 15.0
+    assert rows[("hf-compile-skip", 2)]["speedup_vs_1x"] == pytest.approx(2.0)
     assert main(["bench", "--merge", str(tmp_path / "missing.json")]) == 2
 
 

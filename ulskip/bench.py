@@ -485,8 +485,10 @@ def _emit(args, rows, meta) -> None:
 
 
 def merge(args) -> int:
-    """Combine earlier --json files (e.g. one run per system on a time-limited machine) into one report."""
-    rows, metas = [], []
+    """Combine earlier --json files (e.g. one run per system on a time-limited machine) into one report.
+    A row of a later file replaces an earlier file's row of the same system, target speedup and batch
+    size (a re-measurement)."""
+    rows, metas = {}, []
     for opt in ("json", "plot"):
         path = getattr(args, opt)
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -496,7 +498,8 @@ def merge(args) -> int:
         try:
             with open(path) as f:
                 d = json.load(f)
-            rows += d["rows"]
+            for r in d["rows"]:
+                rows[(r["system"], r["target_speedup"], r["batch_size"])] = r
             metas.append(d["meta"])
         except (OSError, ValueError, KeyError) as e:
             print(f"ulskip bench: error: --merge {path!r}: {_reason(e)}", file=sys.stderr)
@@ -504,6 +507,7 @@ def merge(args) -> int:
     meta = dict(metas[0])
     meta["merged_from"] = [{"path": p, "command": m.get("command"), "date": m.get("date")}
                            for p, m in zip(args.merge, metas)]
+    rows = list(rows.values())
     derive(rows)
     _emit(args, rows, meta)
     return 0
