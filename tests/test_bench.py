@@ -190,16 +190,39 @@ def test_merge(tmp_path, capsys):
     rows = {(r["system"], r["target_speedup"]): r for r in json.loads(out.read_text())["rows"]}
     assert rows[("hf-compile-skip", 2)]["speedup_vs_1x"] == pytest.approx(1.5)
     assert rows[("hf-compile-skip", 2)]["speedup_vs_hf_eager_full"] == pytest.approx(3.0)
-    # a later file's row of the same system / speedup / batch size replaces the earlier one
-    (tmp_path / "c.json").write_text(json.dumps({"meta": meta, "rows": [row("hf-compile-skip", 1, 8, 15.0)]}))
-    assert main(["bench", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), str(tmp_path / "c.json"),
-                 "--json", str(out)]) == 0
-    merged = json.loads(out.read_text())["rows"]
-    assert len(merged) == 3
-    rows = {(r["system"], r["target_speedup"]): r for r in merged}
-    assert rows[("hf-compile-skip", 1)]["tokens_per_s"] == 15.0
-    assert rows[("hf-compile-skip", 2)]["speedup_vs_1x"] == pytest.approx(2.0)
     assert main(["bench", "--merge", str(tmp_path / "missing.json")]) == 2
+
+
+def test_merge_later_rows_replace_earlier_measurements(tmp_path, capsys):
+    from ulskip.bench import TWIN_NOTE
+
+    def row(system, s, tps, bs=1, prompt=8, status="ok", note=""):
+        return {"system": system, "target_speedup": s, "num_kept": 8 // s, "num_layers": 8, "batch_size": bs,
+                "prompt_len": prompt, "new_tokens": 4, "status": status, "tokens_per_s": tps, "prefill_ms": 1.0,
+                "decode_ms_per_step": 1.0, "error": None if status == "ok" else "OutOfMemoryError", "note": note}
+    meta = {"model": "tiny-llama", "device": "cpu", "device_type": "cpu", "command": "ulskip bench"}
+    first = [row("hf-eager-full", 1, 10.0), row("hf-eager-skip", 1, 10.0, note=TWIN_NOTE),
+             row("hf-compile-skip", 1, 20.0), row("hf-compile-skip", 2, 30.0), row("hf-compile-skip", 1, 80.0, bs=4),
+             row("ulskip", 1, 50.0)]
+    later = [row("hf-eager-full", 1, 12.0),                     # re-measured: its 1x hf-eager-skip twin follows
+             row("hf-compile-skip", 1, 15.0),                   # re-measured at bs 1 only
+             row("hf-compile-skip", 1, 25.0, prompt=64),        # another prompt length: a row of its own
+             row("ulskip", 1, None, status="failed")]           # a failure never replaces a measurement
+    (tmp_path / "a.json").write_text(json.dumps({"meta": meta, "rows": first}))
+    (tmp_path / "b.json").write_text(json.dumps({"meta": meta, "rows": later}))
+    out = tmp_path / "m.json"
+    assert main(["bench", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(out)]) == 0
+    assert "ulskip s=1 bs=1 is failed; the earlier measurement stays" in capsys.readouterr().err
+    merged = json.loads(out.read_text())["rows"]
+    rows = {(r["system"], r["target_speedup"], r["batch_size"], r["prompt_len"]): r for r in merged}
+    assert len(merged) == len(rows) == 7
+    assert rows[("hf-compile-skip", 1, 1, 8)]["tokens_per_s"] == 15.0
+    assert rows[("hf-compile-skip", 1, 4, 8)]["tokens_per_s"] == 80.0
+    assert rows[("hf-compile-skip", 1, 1, 64)]["tokens_per_s"] == 25.0
+    assert rows[("hf-compile-skip", 2, 1, 8)]["speedup_vs_1x"] == pytest.approx(2.0)
+    assert rows[("ulskip", 1, 1, 8)]["tokens_per_s"] == 50.0
+    twin = rows[("hf-eager-skip", 1, 1, 8)]
+    assert twin["tokens_per_s"] == 12.0 and twin["system"] == "hf-eager-skip" and twin["note"] == TWIN_NOTE
 
 
 def test_checkpoint_folder(tmp_path):

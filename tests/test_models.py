@@ -4,7 +4,7 @@ import torch
 
 import ulskip
 from ulskip import Engine
-from ulskip.graphs import PREFILL_GRAPH_TOKENS, prefill_bucket
+from ulskip.graphs import PREFILL_GRAPH_TOKENS, fill_static, prefill_bucket
 from tiny_models import FAMILIES, make_hf_model, reduced_copy, reference_decode, save, uls_reference_model
 
 PROMPT = [1, 17, 33, 5, 78, 12, 9]
@@ -201,7 +201,7 @@ def test_prefill_padding_to_the_graph_bucket_changes_nothing(ckpt):
     shape, with padding rows of length 1, leaves each prompt's logits and its live cache entries as they
     were (causal attention: pads come after every real token)."""
     family, model, path = ckpt
-    eng = Engine.from_pretrained(path, target_speedup=2, max_seq_len=64, max_batch_size=4)
+    eng = Engine.from_pretrained(path, target_speedup=2, device="cpu", max_seq_len=64, max_batch_size=4)
     prompts = [PROMPT, [3, 4], list(range(2, 15))]
     T = max(len(p) for p in prompts)
     tokens = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
@@ -212,9 +212,10 @@ def test_prefill_padding_to_the_graph_bucket_changes_nothing(ckpt):
 
     b, t = prefill_bucket(3, T, max_batch_size=4, max_seq_len=64)
     assert (b, t) == (4, 16)
-    padded = torch.zeros(b, t, dtype=torch.long)
-    padded[:3, :T] = tokens
-    got = eng._prefill_eager(padded, torch.tensor([*lengths.tolist(), 1]))[:3]
+    tok, lens = torch.full((b, t), 99), torch.full((b,), 99)  # stale contents of a reused bucket
+    fill_static(tok, lens, tokens, lengths)  # what PrefillGraphs does before each replay
+    assert lens.tolist() == [7, 2, 13, 1] and tok[3].eq(0).all() and tok[1, 2:].eq(0).all()
+    got = eng._prefill_eager(tok, lens)[:3]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for i, n in enumerate(lengths.tolist()):
         torch.testing.assert_close(eng.cache.k[:, i, :, :n], k_ref[:, i, :, :n], rtol=1e-5, atol=1e-5)

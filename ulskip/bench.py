@@ -417,9 +417,7 @@ def sweep(args, r, progress=True, on_row=None) -> tuple[list[dict], dict]:
             sysobj = None
             twin = next((x for x in rows if x["system"] == "hf-eager-full" and x["batch_size"] == b), None)
             if system == "hf-eager-skip" and len(kept) == L and twin is not None and twin["status"] == "ok":
-                # all layers kept: the copy is the very model hf-eager-full just measured
-                row.update({k: v for k, v in twin.items() if k not in row or k in ("status", "error")})
-                row["note"] = "all layers kept: same model and measurement as hf-eager-full"
+                _copy_twin(row, twin)  # all layers kept: the very model hf-eager-full just measured
                 rows.append(row)
                 bar.update(1)
                 if on_row:
@@ -484,10 +482,24 @@ def _emit(args, rows, meta) -> None:
         print(f"wrote {args.plot}")
 
 
+TWIN_NOTE = "all layers kept: same model and measurement as hf-eager-full"
+
+
+def _copy_twin(row: dict, twin: dict) -> None:
+    """hf-eager-skip keeping every layer is hf-eager-full's model: its row repeats that measurement."""
+    row.update({k: v for k, v in twin.items() if k not in ("system", "prefill", "note")})
+    row["note"] = TWIN_NOTE
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["system"], r["target_speedup"], r["batch_size"], r.get("prompt_len"), r.get("new_tokens"),
+            r.get("prefill"))
+
+
 def merge(args) -> int:
     """Combine earlier --json files (e.g. one run per system on a time-limited machine) into one report.
-    A row of a later file replaces an earlier file's row of the same system, target speedup and batch
-    size (a re-measurement)."""
+    A row of a later file replaces an earlier file's row of the same system, target speedup, batch size,
+    lengths and prefill mode (a re-measurement), unless the later one failed and the earlier did not."""
     rows, metas = {}, []
     for opt in ("json", "plot"):
         path = getattr(args, opt)
@@ -499,7 +511,12 @@ def merge(args) -> int:
             with open(path) as f:
                 d = json.load(f)
             for r in d["rows"]:
-                rows[(r["system"], r["target_speedup"], r["batch_size"])] = r
+                k, earlier = _row_key(r), rows.get(_row_key(r))
+                if earlier is not None and earlier["status"] == "ok" and r["status"] != "ok":
+                    print(f"ulskip bench: note: {path}: {r['system']} s={r['target_speedup']:g} "
+                          f"bs={r['batch_size']} is {r['status']}; the earlier measurement stays", file=sys.stderr)
+                    continue
+                rows[k] = r
             metas.append(d["meta"])
         except (OSError, ValueError, KeyError) as e:
             print(f"ulskip bench: error: --merge {path!r}: {_reason(e)}", file=sys.stderr)
@@ -508,6 +525,12 @@ def merge(args) -> int:
     meta["merged_from"] = [{"path": p, "command": m.get("command"), "date": m.get("date")}
                            for p, m in zip(args.merge, metas)]
     rows = list(rows.values())
+    for r in rows:  # a re-measured hf-eager-full carries its hf-eager-skip 1x twin along
+        twin = next((x for x in rows if x["system"] == "hf-eager-full" and x["status"] == "ok"
+                     and (x["batch_size"], x.get("prompt_len"), x.get("new_tokens")) ==
+                     (r["batch_size"], r.get("prompt_len"), r.get("new_tokens"))), None)
+        if r.get("note") == TWIN_NOTE and twin is not None:
+            _copy_twin(r, twin)
     derive(rows)
     _emit(args, rows, meta)
     return 0

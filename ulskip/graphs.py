@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 # batch bucket x length bucket up to which the prompt pass is a graph. At 512 tokens the GEMMs of a 7B
-# model take ~10 ms on an H200, about what the eager launches take, so padding up to 2x never loses.
+# model take ~10 ms on an H200, less than the eager launches (~20 ms), so however much of a pass this size
+# is padding (batch and length round up separately), the replay still wins.
 PREFILL_GRAPH_TOKENS = 512
 MIN_PREFILL_BUCKET = 16
 
@@ -113,9 +114,17 @@ class PrefillGraphs:
             graph, logits = _capture(self.prefill_fn, (tok, lens), self.pool, self.device)
             self.graphs[key] = (graph, tok, lens, logits)
         graph, tok, lens, logits = self.graphs[key]
-        tok.zero_()
-        tok[:n, :T].copy_(tokens)
-        lens.fill_(1)  # padding rows: one token each
-        lens[:n].copy_(lengths)
+        fill_static(tok, lens, tokens, lengths)
         graph.replay()
         return logits[:n]
+
+
+def fill_static(tok: torch.Tensor, lens: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Copy n prompts [n, T] into a bucket's static buffers tok [b, t] / lens [b]: token 0 after each prompt
+    and in the padding rows, whose length 1 only picks the logits row that is read (they still run, and
+    write cache rows n..b-1, which no live sequence uses)."""
+    n, T = tokens.shape
+    tok.zero_()
+    tok[:n, :T].copy_(tokens)
+    lens.fill_(1)
+    lens[:n].copy_(lengths)

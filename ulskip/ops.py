@@ -194,7 +194,8 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def rotary(x, cos, sin):
-    """Rotary on the prompt pass (elementwise, compute-bound there); decode uses rotary_cache_write."""
+    """Rotary on the prompt pass (torch ops: a few kernels per layer, captured in the prompt-pass graph for
+    short prompts, small next to the GEMMs for long ones); decode uses rotary_cache_write."""
     return rotary_ref(x, cos, sin)
 
 
