@@ -44,6 +44,15 @@ def check_out(name: str, out, shape, dtype, device) -> None:
         raise ValueError(f"{name} must have a unit stride in its last dim, got strides {out.stride()}")
 
 
+def rows2d(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t [.., width] as a [rows, width] view with a unit last stride (a copy only when no such view exists),
+    the layout every row kernel here takes."""
+    t2 = t.reshape(-1, width)
+    if width > 1 and t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
 def row_warps(block: int) -> int:
     """num_warps for a one-row-per-program kernel over `block` elements (as Liger-Kernel does)."""
     if block >= 32768:

@@ -11,20 +11,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_out, check_tensor
+from ._common import check_out, check_tensor, rows2d
+
+
+@triton.jit
+def sigmoid_f32(gate):
+    """sigmoid on fp32 values, overflow-free for any gate."""
+    e = tl.exp(-tl.abs(gate))             # in (0, 1]: no overflow for any gate
+    return tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
 def silu_f32(gate):
-    """silu on fp32 values, overflow-free for any gate (shared with kernels/gemv.py's prologue)."""
-    e = tl.exp(-tl.abs(gate))             # in (0, 1]: no overflow for any gate
-    sig = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    return gate * sig
+    """silu on fp32 values (shared with kernels/gemv.py's epilogue and the backward kernels)."""
+    return gate * sigmoid_f32(gate)
 
 
 @triton.jit
 def gelu_tanh_f32(x):
-    """Bloom's tanh GeLU on fp32 values (shared with kernels/gemv.py's prologue)."""
+    """Bloom's tanh GeLU on fp32 values (shared with kernels/gemv.py's epilogue)."""
     u = 0.79788456 * x * (1.0 + 0.044715 * x * x)
     # tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|) in (0, 1]: no overflow, no libdevice call
     # (portable across Triton versions and the CPU interpreter).
@@ -52,13 +57,18 @@ def _gelu_tanh_kernel(X, Y, n, BLOCK: tl.constexpr):
     tl.store(Y + offs, gelu_tanh_f32(x).to(Y.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gate_up, out=None):
-    """gate_up [.., 2I] -> silu(gate) * up [.., I] in gate_up's dtype."""
+def check_gate_up(gate_up) -> int:
+    """A fused [.., 2I] gate/up tensor (gate first) -> I."""
     check_tensor("gate_up", gate_up)
     if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even (gate and up halves), got shape "
                          f"{tuple(gate_up.shape)}")
-    I = gate_up.shape[-1] // 2
+    return gate_up.shape[-1] // 2
+
+
+def silu_mul(gate_up, out=None):
+    """gate_up [.., 2I] -> silu(gate) * up [.., I] in gate_up's dtype."""
+    I = check_gate_up(gate_up)
     shape = (*gate_up.shape[:-1], I)
     if out is None:
         out = torch.empty(shape, dtype=gate_up.dtype, device=gate_up.device)
@@ -68,9 +78,7 @@ def silu_mul(gate_up, out=None):
             raise ValueError(f"out must be contiguous, got strides {out.stride()}")
     if out.numel() == 0:
         return out
-    x2 = gate_up.reshape(-1, 2 * I)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = rows2d(gate_up, 2 * I)
     y2 = out.view(-1, I)
     BLOCK = min(1024, triton.next_power_of_2(I))
     _silu_mul_kernel[(x2.shape[0], triton.cdiv(I, BLOCK))](x2, y2, x2.stride(0), y2.stride(0), I,

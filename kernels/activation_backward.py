@@ -18,7 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_shape, check_tensor
+from ._common import check_shape, check_tensor, rows2d
+from .activation import check_gate_up, sigmoid_f32, silu_f32
+
+
+@triton.jit
+def _silu_mul_grads(dy, gate, up):
+    """(d_gate, d_up) of y = silu(gate) * up, fp32."""
+    s = sigmoid_f32(gate)
+    return dy * up * s * (1.0 + gate * (1.0 - s)), dy * gate * s
 
 
 @triton.jit
@@ -29,9 +37,7 @@ def _silu_mul_bwd_kernel(DY, X, DX, stride_dy, stride_x, stride_dx, I, BLOCK: tl
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(X + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
-    s = 1.0 / (1.0 + tl.exp(-gate))
-    d_gate = dy * up * s * (1.0 + gate * (1.0 - s))
-    d_up = dy * gate * s
+    d_gate, d_up = _silu_mul_grads(dy, gate, up)
     tl.store(DX + row * stride_dx + cols, d_gate.to(DX.dtype.element_ty), mask=mask)
     tl.store(DX + row * stride_dx + I + cols, d_up.to(DX.dtype.element_ty), mask=mask)
 
@@ -43,9 +49,7 @@ def _silu_mul_split_kernel(G, U, Y, stride_g, stride_u, stride_y, I, BLOCK: tl.c
     mask = cols < I
     gate = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    e = tl.exp(-tl.abs(gate))             # in (0, 1]: no overflow for any gate
-    sig = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    tl.store(Y + row * stride_y + cols, (gate * sig * up).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y + cols, (silu_f32(gate) * up).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -57,10 +61,7 @@ def _silu_mul_split_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, 
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    e = tl.exp(-tl.abs(gate))
-    s = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    d_gate = dy * up * s * (1.0 + gate * (1.0 - s))
-    d_up = dy * gate * s
+    d_gate, d_up = _silu_mul_grads(dy, gate, up)
     tl.store(DG + row * stride_d + cols, d_gate.to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + row * stride_d + cols, d_up.to(DU.dtype.element_ty), mask=mask)
 
@@ -79,22 +80,13 @@ def _gelu_tanh_bwd_kernel(DY, X, DX, n, BLOCK: tl.constexpr):
 
 def silu_mul_backward(dy, gate_up):
     """dy [.., I], gate_up [.., 2I] (the forward's input) -> d(gate_up) [.., 2I] in gate_up's dtype."""
-    check_tensor("gate_up", gate_up)
-    if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
-        raise ValueError(f"gate_up's last dim must be even, got shape {tuple(gate_up.shape)}")
-    I = gate_up.shape[-1] // 2
+    I = check_gate_up(gate_up)
     check_tensor("dy", dy, device=gate_up.device)
     check_shape("dy", dy, (*gate_up.shape[:-1], I))
     dx = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
     if dx.numel() == 0:
         return dx
-    x2 = gate_up.reshape(-1, 2 * I)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    dy2 = dy.reshape(-1, I)
-    if dy2.stride(-1) != 1:
-        dy2 = dy2.contiguous()
-    dx2 = dx.view(-1, 2 * I)
+    x2, dy2, dx2 = rows2d(gate_up, 2 * I), rows2d(dy, I), dx.view(-1, 2 * I)
     BLOCK = min(1024, triton.next_power_of_2(I))
     _silu_mul_bwd_kernel[(x2.shape[0], triton.cdiv(I, BLOCK))](
         dy2, x2, dx2, dy2.stride(0), x2.stride(0), dx2.stride(0), I, BLOCK=BLOCK, num_warps=4)
@@ -116,12 +108,6 @@ def gelu_tanh_backward(dy, x):
     return dx
 
 
-def _rows(t, I):
-    """t [.., I] as a [rows, I] view (a copy only when its last dim is strided)."""
-    t2 = t.reshape(-1, I)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _check_pair(gate, up):
     check_tensor("gate", gate)
     check_tensor("up", up, dtypes=(gate.dtype,), device=gate.device)
@@ -137,7 +123,7 @@ def silu_mul_split(gate, up):
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if out.numel() == 0:
         return out
-    g2, u2, y2 = _rows(gate, I), _rows(up, I), out.view(-1, I)
+    g2, u2, y2 = rows2d(gate, I), rows2d(up, I), out.view(-1, I)
     BLOCK = min(1024, triton.next_power_of_2(I))
     _silu_mul_split_kernel[(g2.shape[0], triton.cdiv(I, BLOCK))](
         g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), I, BLOCK=BLOCK, num_warps=4)
@@ -154,7 +140,7 @@ def silu_mul_split_backward(dy, gate, up):
     du = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if dg.numel() == 0:
         return dg, du
-    dy2, g2, u2 = _rows(dy, I), _rows(gate, I), _rows(up, I)
+    dy2, g2, u2 = rows2d(dy, I), rows2d(gate, I), rows2d(up, I)
     dg2, du2 = dg.view(-1, I), du.view(-1, I)
     BLOCK = min(1024, triton.next_power_of_2(I))
     _silu_mul_split_bwd_kernel[(g2.shape[0], triton.cdiv(I, BLOCK))](

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_out, check_tensor
+from ._common import check_out, check_tensor, rows2d
 from .activation import gelu_tanh_f32, silu_f32
 
 MAX_ROWS = 16  # x rows padded to one 16-row MMA tile; more rows -> cuBLAS (compute starts to matter)
@@ -118,10 +118,7 @@ def _config(N: int, K: int, fp32: bool, glu: bool):
 def _rows2d(name: str, t: torch.Tensor, width: int) -> torch.Tensor:
     if t.shape[-1] != width:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected last dim {width}")
-    t2 = t.reshape(-1, width)
-    if t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
+    return rows2d(t, width)
 
 
 def fused_gemv(x, weight, bias=None, *, norm_parts=None, eps=1e-6, glu=False, gelu=False, add=None,

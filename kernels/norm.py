@@ -17,9 +17,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_out, check_same_dtype, check_shape, check_tensor, next_pow2, row_warps
+from ._common import check_out, check_same_dtype, check_shape, check_tensor, next_pow2, row_warps, rows2d
 
 MAX_HIDDEN = 32768
+
+
+@triton.jit
+def _load_row(X, R, H, row, stride_x, stride_r, stride_h, cols, mask, HAS_RES: tl.constexpr):
+    """One row of x in fp32; with a residual, h = x + r is rounded once (as torch's x + residual), stored
+    to H, and returned instead."""
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + row * stride_h + cols, h, mask=mask)
+        x = h.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -32,12 +45,7 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (x + r).to(H.dtype.element_ty)          # one rounding, as torch's x + residual
-        tl.store(H + row * stride_h + cols, h, mask=mask)
-        x = h.to(tl.float32)
+    x = _load_row(X, R, H, row, stride_x, stride_r, stride_h, cols, mask, HAS_RES)
     var = tl.sum(x * x, axis=0) / N
     rstd = 1.0 / tl.sqrt(var + eps)
     xn = (x * rstd).to(X.dtype.element_ty).to(tl.float32)  # HF casts back before the weight
@@ -56,12 +64,7 @@ def _layer_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (x + r).to(H.dtype.element_ty)
-        tl.store(H + row * stride_h + cols, h, mask=mask)
-        x = h.to(tl.float32)
+    x = _load_row(X, R, H, row, stride_x, stride_r, stride_h, cols, mask, HAS_RES)
     mean = tl.sum(x, axis=0) / N
     xc = tl.where(mask, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / N
@@ -69,14 +72,6 @@ def _layer_norm_kernel(
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
-
-
-def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
-    """[.., N] -> a [rows, N] view (a copy only if no such view exists) with a unit last stride."""
-    t2 = t.reshape(-1, N)
-    if N > 1 and t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
 
 
 def _check_common(kind, x, residual, weight, bias, eps):
@@ -115,10 +110,10 @@ def _norm(kind, x, residual, weight, bias, eps, out, residual_out):
             check_out("residual_out", residual_out, x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return out if residual is None else (out, residual_out)
-    x2 = _rows(x, N)
+    x2 = rows2d(x, N)
     y2 = out.view(-1, N)
     if residual is not None:
-        r2 = _rows(residual, N)
+        r2 = rows2d(residual, N)
         h2 = residual_out.view(-1, N)
     else:
         r2, h2 = x2, y2  # unused (HAS_RES=False)

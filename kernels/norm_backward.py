@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_shape, check_tensor, next_pow2, row_warps
-from .norm import MAX_HIDDEN, _rows
+from ._common import check_shape, check_tensor, next_pow2, row_warps, rows2d
+from .norm import MAX_HIDDEN
 
 
 @triton.jit
@@ -114,7 +114,7 @@ def _bwd(kind, dy, x, weight, bias, eps):
     if x.numel() == 0:
         dw = torch.zeros_like(weight)
         return (dx, dw) if kind == "rms" else (dx, dw, torch.zeros(N, dtype=weight.dtype, device=x.device))
-    x2, dy2, dx2 = _rows(x, N), _rows(dy, N), dx.view(-1, N)
+    x2, dy2, dx2 = rows2d(x, N), rows2d(dy, N), dx.view(-1, N)
     M = x2.shape[0]
     progs = _num_programs(M, x.device)
     rows_per_prog = triton.cdiv(M, progs)

@@ -415,8 +415,8 @@ def sweep(args, r, progress=True, on_row=None) -> tuple[list[dict], dict]:
             row.update({"bytes_per_step": step["bytes"], "weight_bytes_per_step": step["weight_bytes"],
                         "kv_bytes_per_step": step["kv_bytes"]})
             sysobj = None
-            twin = next((x for x in rows if x["system"] == "hf-eager-full" and x["batch_size"] == b), None)
-            if system == "hf-eager-skip" and len(kept) == L and twin is not None and twin["status"] == "ok":
+            twin = _eager_full_twin(rows, row) if system == "hf-eager-skip" and len(kept) == L else None
+            if twin is not None:
                 _copy_twin(row, twin)  # all layers kept: the very model hf-eager-full just measured
                 rows.append(row)
                 bar.update(1)
@@ -491,6 +491,13 @@ def _copy_twin(row: dict, twin: dict) -> None:
     row["note"] = TWIN_NOTE
 
 
+def _eager_full_twin(rows: list[dict], row: dict) -> dict | None:
+    """The measured hf-eager-full row of row's batch size and lengths, if any."""
+    return next((x for x in rows if x["system"] == "hf-eager-full" and x["status"] == "ok"
+                 and (x["batch_size"], x.get("prompt_len"), x.get("new_tokens")) ==
+                 (row["batch_size"], row.get("prompt_len"), row.get("new_tokens"))), None)
+
+
 def _row_key(r: dict) -> tuple:
     return (r["system"], r["target_speedup"], r["batch_size"], r.get("prompt_len"), r.get("new_tokens"),
             r.get("prefill"))
@@ -526,10 +533,8 @@ def merge(args) -> int:
                            for p, m in zip(args.merge, metas)]
     rows = list(rows.values())
     for r in rows:  # a re-measured hf-eager-full carries its hf-eager-skip 1x twin along
-        twin = next((x for x in rows if x["system"] == "hf-eager-full" and x["status"] == "ok"
-                     and (x["batch_size"], x.get("prompt_len"), x.get("new_tokens")) ==
-                     (r["batch_size"], r.get("prompt_len"), r.get("new_tokens"))), None)
-        if r.get("note") == TWIN_NOTE and twin is not None:
+        twin = _eager_full_twin(rows, r) if r.get("note") == TWIN_NOTE else None
+        if twin is not None:
             _copy_twin(r, twin)
     derive(rows)
     _emit(args, rows, meta)
