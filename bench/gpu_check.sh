@@ -34,7 +34,7 @@ for s in "${STAGES[@]}"; do
     build)  stage build 90 "bash bench/gpu_build.sh"
             [ "${RC[build]}" = 0 ] || { echo "build failed: stopping"; break; } ;;
     test)   stage test 240 "python3 -m pytest -q -m gpu tests" ;;
-    kbench) stage kbench 120 "python3 bench/kernel_bench.py --out $OUT/kernel_bench.md" ;;
+    kbench) stage kbench 120 "python3 -m ulskip.bench.kernels --out $OUT/kernel_bench.md" ;;
     quick)  stage quick 200 "$BENCH --model llama-2-7b --systems ulskip --json $OUT/quick.json" ;;
     quick1) stage quick1 120 "$BENCH --model llama-2-7b --systems ulskip --batch-sizes 1 --json $OUT/quick1.json" ;;
     bloomu1) stage bloomu1 90 "$BENCH --model bloom-7b1 --systems ulskip --batch-sizes 1 --json $OUT/bloom1.json" ;;
@@ -44,11 +44,11 @@ for s in "${STAGES[@]}"; do
     bloomu) stage bloomu 120 "$BENCH --model bloom-7b1 --systems ulskip --json $OUT/bloom-7b1.u.json" ;;
     bloom)  stage bloom 170 "$BENCH --model bloom-7b1 --systems ulskip,hf-eager-full,hf-eager-skip --json $OUT/bloom-7b1.a.json" ;;
     bloomc) stage bloomc 230 "$BENCH --model bloom-7b1 --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/bloom-7b1.b.json" ;;
-    train)  stage train 60 "python3 bench/train_bench.py --out $OUT/train_bench.json" ;;
-    train2) stage train2 150 "CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 bench/train_bench.py --out $OUT/train_bench_x2.json" ;;
-    prof)   stage prof 120 "python3 bench/profile_decode.py" ;;
-    gemv)   stage gemv 150 "python3 bench/gemv_probe.py" ;;
-    gemvf)  stage gemvf 300 "python3 bench/gemv_probe.py --fused" ;;
+    train)  stage train 60 "python3 -m ulskip.bench.train --out $OUT/train_bench.json" ;;
+    train2) stage train2 150 "CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 -m ulskip.bench.train --out $OUT/train_bench_x2.json" ;;
+    prof)   stage prof 120 "python3 -m ulskip.bench.profile_decode" ;;
+    gemv)   stage gemv 150 "python3 -m ulskip.bench.gemv_probe" ;;
+    gemvf)  stage gemvf 300 "python3 -m ulskip.bench.gemv_probe --fused" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -23,19 +23,60 @@ and filling 132 SMs dominate. Hence:
     does not add an error comparable to the output's own rounding. fp32 inputs use IEEE fp32 dots (no
     TF32).
 
-Semantics = ulskip.ops.decode_attention_ref: q [B, Hq, D]; k_cache, v_cache [B, Hkv, S, D];
+Semantics = decode_attention_ref below: q [B, Hq, D]; k_cache, v_cache [B, Hkv, S, D];
 seq_lens [B] int (visible keys, 1 <= seq_lens[b] <= S, not checked: that would need a host sync);
 key j is visible to sequence b when j < seq_lens[b]; optional ALiBi slopes [Hq] fp32 add slope_h * j.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
-import triton
-import triton.language as tl
 
-from ._common import INDEX_DTYPES, check_out, check_shape, check_tensor, next_pow2
+from .backend import tl, triton
+
+from .common import INDEX_DTYPES, check_out, check_shape, check_tensor, next_pow2
+
+# ----------------------------------------------------------------------------- references
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes exactly as Bloom builds them (fp32)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != num_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** p for p in range(1, 2 * (num_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def attention_ref(q, k, v, q_pos, kv_len, scale, slopes=None) -> torch.Tensor:
+    """Causal attention of new queries over keys 0..S-1.
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (Hq a multiple of Hkv: GQA); q_pos: [B, T] absolute
+    positions; key j is visible to query t when j <= q_pos[b, t] and j < kv_len[b]. ALiBi adds
+    slope_h * j (shift-invariant per row, so equal to Bloom's slope * (j - i)). Returns [B, Hq, T, D].
+    """
+    B, Hq, T, D = q.shape
+    S, Hkv = k.shape[2], k.shape[1]
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    j = torch.arange(S, device=q.device)
+    visible = (j.view(1, 1, S) <= q_pos.unsqueeze(-1)) & (j.view(1, 1, S) < kv_len.view(B, 1, 1))
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, Hq, T, S]
+    if slopes is not None:
+        scores = scores + slopes.view(1, Hq, 1, 1).to(scores.device) * j.view(1, 1, 1, S).float()
+    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+
+def decode_attention_ref(q, k_cache, v_cache, seq_lens, scale, slopes=None) -> torch.Tensor:
+    """One query per sequence. q: [B, Hq, D]; caches [B, Hkv, S, D]; seq_lens [B] = visible keys."""
+    out = attention_ref(q.unsqueeze(2), k_cache, v_cache, (seq_lens - 1).unsqueeze(1), seq_lens, scale, slopes)
+    return out.squeeze(2)
+
+
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 

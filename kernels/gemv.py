@@ -14,7 +14,7 @@ kernel also lets the small ops around a projection ride in its epilogue, so a Ll
   add        y = add + (x @ W^T + b): the residual add after o and down.
   parts_out  also write sum(y^2) over this program's BLOCK_N columns, [M, programs] fp32: the next
              norm's statistics, without a separate reduction kernel or atomics (deterministic).
-Rounding follows the PyTorch reference (ulskip.ops *_ref): each projection is rounded to the activation
+Rounding follows the PyTorch references below (*_ref): each projection is rounded to the activation
 dtype before the activation or the add, which then round once more.
 
 Roofline: bytes = N * K * elt (W, read once) + M * K * elt (x, from L2 per program); flops 2 M N K, so
@@ -27,11 +27,30 @@ every warp and makes the kernel compute-bound. Hence epilogues only. fp32 dots a
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
 
-from ._common import check_out, check_tensor, rows2d
-from .activation import gelu_tanh_f32, silu_f32
+from .activation import gelu_tanh_f32, gelu_tanh_ref, silu_f32, silu_mul_ref
+from .backend import tl, triton
+from .common import check_out, check_tensor, rows2d
+from .norm import rms_norm_ref
+
+# ----------------------------------------------------------------------------- references
+def rms_norm_linear_ref(h, eps, weight, bias=None, glu=False):
+    """rms_norm(h) @ weight^T + bias, the norm without a weight (folded into `weight` at load time);
+    glu: weight is [gate; up] and the result is silu(gate) * up."""
+    y = F.linear(rms_norm_ref(h, None, eps), weight, bias)
+    return silu_mul_ref(y) if glu else y
+
+
+def linear_add_ref(x, weight, bias, add):
+    """add + x @ weight^T + bias: a projection into the residual stream."""
+    return add + F.linear(x, weight, bias)
+
+
+def linear_gelu_ref(x, weight, bias=None):
+    return gelu_tanh_ref(F.linear(x, weight, bias))
+
+
 
 MAX_ROWS = 16  # x rows padded to one 16-row MMA tile; more rows -> cuBLAS (compute starts to matter)
 
@@ -98,7 +117,7 @@ def _gemv_kernel(
         tl.store(PARTS_OUT + rm * stride_pom + pid, tl.sum(yf * yf, axis=1), mask=row_ok)
 
 
-def _config(N: int, K: int, fp32: bool, glu: bool):
+def default_config(N: int, K: int, fp32: bool, glu: bool):
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) from the H200 sweep of bench/gemv_probe.py (Llama-7B:
     qkv 32/128/4/4, o and down 32/256/4/4, gate_up 64/128/4/3). glu streams two W tiles per step, so it
     takes gate_up's shape (N = I, two 32-row tiles). fp32 (tests) halves the K tile."""
@@ -172,7 +191,7 @@ def fused_gemv(x, weight, bias=None, *, norm_parts=None, eps=1e-6, glu=False, ge
         check_out("out", out, lead + (N,), x.dtype, x.device)
         if not out.is_contiguous():
             raise ValueError(f"out must be contiguous, got strides {out.stride()}")
-    bn, bk, warps, stages = config or _config(N, K, x.dtype == torch.float32, glu)
+    bn, bk, warps, stages = config or default_config(N, K, x.dtype == torch.float32, glu)
     programs = triton.cdiv(N, bn)
     parts = torch.empty(lead + (programs,), dtype=torch.float32, device=x.device) if parts_out else None
     if M and N:

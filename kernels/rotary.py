@@ -1,6 +1,6 @@
 """Rotary embedding on q and k fused with the write of k and v into one compact-cache slot.
 
-Semantics (references in ulskip.ops): q_rot = rotary_ref(q, cos, sin); k_rot = rotary_ref(k, cos, sin);
+Semantics (rotary_cache_write_ref below): q_rot = rotary_ref(q, cos, sin); k_rot = rotary_ref(k, cos, sin);
 cache_write_ref(k_cache, v_cache, k_rot, v, positions); return q_rot. With ROTARY=False (Bloom, ALiBi) it
 is the cache write alone and q is returned untouched.
 
@@ -17,10 +17,32 @@ and copy v heads into the cache. Every byte is read once and written once.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._common import INDEX_DTYPES, check_out, check_shape, check_tensor, next_pow2
+from .backend import tl, triton
+from .cache_write import cache_write
+from .common import INDEX_DTYPES, check_out, check_shape, check_tensor, next_pow2
+
+
+# ----------------------------------------------------------------------------- references
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, D] in x's dtype (Llama's half-split "rotate_half" form)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + rotate_half(x) * sin
+
+
+def rotary_cache_write_ref(q, k, v, cos, sin, k_cache, v_cache, positions, rotary=True):
+    """What the kernel computes, in PyTorch ops; the cache write is the compiled op (ulskip._C), which has
+    a CPU version, so this is also the engine's CPU path."""
+    if rotary:
+        q, k = rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
+    cache_write(k_cache, v_cache, k, v, positions)
+    return q
+
 
 
 @triton.jit

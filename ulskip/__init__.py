@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The engine pulls in torch and the model code; import it only when asked for.
     if name in ("Engine", "GenerationOutput"):
-        from ulskip import engine
+        from ulskip.runtime import engine
         return getattr(engine, name)
     raise AttributeError(f"module 'ulskip' has no attribute {name!r}")
 

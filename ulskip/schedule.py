@@ -1,15 +1,20 @@
-"""Which layers run: the Unified Layer Skipping selection rule (Liu, Meng & Zhou, 2024).
+"""Which layers run: the Unified Layer Skipping selection rule (Liu, Meng & Zhou, 2024), the prefill
+modes, and the plan a checkpoint is loaded and run with.
 
 The kept set depends only on the number of layers L and the target speedup s, never on the input,
-so every token of a batch follows the same schedule (DESIGN.md §1).
+so every token of a batch follows the same schedule (docs/design.md, "The method").
 """
 from __future__ import annotations
 
 import math
 import numbers
 import operator
+from dataclasses import dataclass
 
 STRATEGIES = ("paper", "even")
+# "full" (the paper's): the prompt runs through all layers, decode steps through the kept ones;
+# "skip": the prompt runs through the kept layers too (the model must be fine-tuned that way).
+PREFILL_MODES = ("full", "skip")
 
 
 def _check(num_layers, target_speedup, strategy) -> int:
@@ -66,3 +71,38 @@ def validate_schedule(num_layers: int, kept_layers) -> list[int]:
 def layer_speedup(num_layers: int, kept_layers) -> float:
     """Speedup of the decoder layers alone: L / K (the head and embeddings are not counted)."""
     return num_layers / len(kept_layers)
+
+
+def check_prefill(prefill) -> str:
+    if prefill not in PREFILL_MODES:
+        raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+    return prefill
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a checkpoint runs: the kept layers (every decode step), the prefill mode, and the layers whose
+    weights are loaded (all of them for prefill="full"; only the kept ones for "skip")."""
+    kept_layers: list[int]
+    prefill: str
+    load_layers: list[int]
+
+
+def make_plan(num_layers: int, target_speedup=None, schedule=None, prefill=None, strategy: str = "paper",
+              section: dict | None = None) -> Plan:
+    """Explicit arguments win; then the checkpoint's `ulskip` section (written by `ulskip train`:
+    kept_layers, prefill); else all layers with prefill="full"."""
+    section = section or {}
+    if schedule is not None and target_speedup is not None:
+        raise ValueError("give either target_speedup or schedule, not both")
+    if schedule is not None:
+        kept = validate_schedule(num_layers, schedule)
+    elif target_speedup is not None:
+        kept = uls_schedule(num_layers, target_speedup, strategy)
+    elif section.get("kept_layers"):
+        kept = validate_schedule(num_layers, section["kept_layers"])
+    else:
+        kept = list(range(num_layers))
+    prefill = check_prefill(prefill or section.get("prefill", "full"))
+    load = list(range(num_layers)) if prefill == "full" else kept  # skip: never read the rest
+    return Plan(kept, prefill, load)

@@ -1,19 +1,36 @@
-"""What every model family shares: the step context, attention dispatch, and the layer loop.
+"""What every model family shares: the family interface, the weight map, the step context, attention
+dispatch, and the layer loop.
 
 A model holds only the layers it was loaded with (all L for prefill="full", the kept ones for
 prefill="skip"); the caller names which layers a forward runs, so one object serves the full prompt
-pass and the skip-path decode steps.
+pass and the skip-path decode steps. A family declares, per parameter, which checkpoint tensors it is
+built from (`weight_source`); the loader (ulskip.loading.checkpoint) builds the runtime tensors from that
+map, fused and folded, so the modules declare only what their forward uses.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ulskip import ops
-from ulskip.cache import CompactKVCache
+
+if TYPE_CHECKING:  # the cache belongs to the runtime, which imports the models, not the other way
+    from ulskip.runtime.cache import CompactKVCache
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """How one runtime parameter is built from checkpoint tensors (Hugging Face names):
+    concat(tensors, dim 0) -> convert (a family's relayout, e.g. Bloom's per-head qkv) -> cast to the
+    model dtype -> times the norm weight `fold` along the input dim (a norm folded into the projection
+    after it: rms_norm(h, g) @ W^T = rms_norm(h) @ (W * g)^T, one rounding of W * g in the model dtype)."""
+    tensors: tuple[str, ...]
+    fold: str | None = None
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -62,13 +79,36 @@ def prefill_attention(q, k, v, scale, slopes=None):
 
 
 class DecoderLM(nn.Module):
-    """Layer loop and head; families provide embed(), layer modules, and head()."""
+    """The layer loop; a family subclasses it and provides the five methods below."""
 
     def __init__(self, cfg, layer_ids):
         super().__init__()
         self.cfg = cfg
         self.layer_ids = sorted(layer_ids)
         self.layers = nn.ModuleDict({str(i): self.make_layer(cfg) for i in self.layer_ids})
+
+    # ------------------------------------------------------------------ the family interface
+    @staticmethod
+    def make_layer(cfg) -> nn.Module:
+        """One decoder layer: forward(x, stats, step, layer_index) -> (x, stats)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def weight_source(cfg, name: str) -> WeightSource:
+        """Our parameter name -> the checkpoint tensors it is built from."""
+        raise NotImplementedError
+
+    def init_buffers(self, device) -> None:
+        """Computed tables (rotary frequencies, ALiBi slopes), after the weights are in place."""
+        raise NotImplementedError
+
+    def embed(self, tokens, step: "Step") -> torch.Tensor:
+        """tokens [B, T] -> the residual stream [B, T, H]; may fill per-step tables into `step`."""
+        raise NotImplementedError
+
+    def head(self, x, stats) -> torch.Tensor:
+        """Last hidden state [B, H] (and its norm statistics or None) -> logits [B, V]."""
+        raise NotImplementedError
 
     def forward(self, tokens, step: Step, run_layers, last_index=None) -> torch.Tensor:
         """tokens: [B, T]. Runs `run_layers` in order; returns fp32 logits [B, V] of the token at

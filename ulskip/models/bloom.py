@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ulskip import ops
-from ulskip.models.base import DecoderLM, Step, attention
+from ulskip.models.base import DecoderLM, Step, WeightSource, attention
 
 
 class BloomLayer(nn.Module):
@@ -68,25 +68,23 @@ class BloomLM(DecoderLM):
         return ops.linear(ops.layer_norm(x, self.norm.weight, self.norm.bias, self.cfg.norm_eps), self.lm_head.weight)
 
     @staticmethod
-    def hf_names(cfg, ours: str) -> list[str]:
+    def weight_source(cfg, name: str) -> WeightSource:
         t = "transformer."
         top = {"embed_tokens.weight": t + "word_embeddings.weight", "lm_head.weight": t + "word_embeddings.weight",
                "embed_norm.weight": t + "word_embeddings_layernorm.weight",
                "embed_norm.bias": t + "word_embeddings_layernorm.bias",
                "norm.weight": t + "ln_f.weight", "norm.bias": t + "ln_f.bias"}
-        if ours in top:
-            return [top[ours]]
-        _, i, name = ours.split(".", 2)
-        kind, _, suffix = name.partition(".")
+        if name in top:
+            return WeightSource((top[name],))
+        _, i, kind, suffix = name.split(".")  # layers.<i>.<module>.<weight|bias>
         sub = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm",
                "qkv": "self_attention.query_key_value", "o": "self_attention.dense",
                "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}[kind]
-        return [f"{t}h.{i}.{sub}.{suffix}"]
+        convert = (lambda w: regroup_qkv(cfg, w)) if kind == "qkv" else None
+        return WeightSource((f"{t}h.{i}.{sub}.{suffix}",), convert=convert)
 
-    @staticmethod
-    def convert(cfg, ours: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Regroup Bloom's per-head [H, 3, D] qkv rows into q|k|v blocks."""
-        if ours.endswith("qkv.weight") or ours.endswith("qkv.bias"):
-            rest = tensor.shape[1:]
-            return tensor.view(cfg.num_heads, 3, cfg.head_dim, *rest).transpose(0, 1).reshape(tensor.shape)
-        return tensor
+
+def regroup_qkv(cfg, tensor: torch.Tensor) -> torch.Tensor:
+    """Bloom's per-head [H, 3, D] qkv rows (weight or bias) into q|k|v blocks."""
+    rest = tensor.shape[1:]
+    return tensor.view(cfg.num_heads, 3, cfg.head_dim, *rest).transpose(0, 1).reshape(tensor.shape)

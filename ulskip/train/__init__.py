@@ -1,13 +1,14 @@
-"""ULS fine-tuning of Hugging Face models (DESIGN.md §1 "Semantics at training").
+"""ULS fine-tuning of Hugging Face models (docs/design.md, "The method": training).
 
     from ulskip.train import apply_uls, patch_model
     apply_uls(model, target_speedup=2, prefill="full")   # prefix: all layers; response: kept layers
     patch_model(model)                                    # fused Triton norms/activations + chunked CE
 
-`ulskip train` (ulskip/train/cli.py) wraps both in a transformers Trainer.
+`ulskip train` (ulskip/cli/train.py, ulskip/train/trainer.py) wraps both in a transformers Trainer.
 """
-from ulskip.train.apply_uls import PREFILL_MODES, apply_uls, decoder_layers
-from ulskip.train.fused_ce import fused_linear_cross_entropy
+from ulskip.kernels.cross_entropy import fused_linear_cross_entropy
+from ulskip.schedule import PREFILL_MODES
+from ulskip.train.apply_uls import apply_uls, decoder_layers
 from ulskip.train.patching import patch_model
 
 __all__ = ["apply_uls", "patch_model", "fused_linear_cross_entropy", "decoder_layers", "PREFILL_MODES"]

@@ -1,4 +1,4 @@
-"""Make a transformers causal LM train with Unified Layer Skipping semantics (DESIGN.md §1).
+"""Make a transformers causal LM train with Unified Layer Skipping semantics (docs/design.md, "The method").
 
 prefill="full" (the paper's): prefix tokens run through all L layers, response tokens through the kept
 layers only; at kept layer i a response token attends to the prefix K/V of layer i and to the response
@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import torch
 
-# The engine's list (one definition): importing ulskip.engine costs only ulskip's own modules on top of
-# torch, which this module needs anyway (about 10 ms, no other third-party package).
-from ulskip.engine import PREFILL_MODES
-from ulskip.schedule import STRATEGIES, layer_speedup, uls_schedule, validate_schedule
+from ulskip.schedule import STRATEGIES, check_prefill, layer_speedup, uls_schedule, validate_schedule
 from ulskip.train.patching import install_forward, model_type, patch_model
 
 
@@ -148,8 +145,7 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
     skipped layers never run, so their parameters are frozen (requires_grad=False; DDP needs every
     trainable parameter used). `fused_kernels=True` also calls `patch_model(model)`. Returns the model.
     """
-    if prefill not in PREFILL_MODES:
-        raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+    check_prefill(prefill)
     layers = decoder_layers(model)
     L = len(layers)
     if schedule is not None:

@@ -1,18 +1,18 @@
 """Swap fused training kernels into a transformers model with one call: `patch_model(model)`.
 
 What gets replaced (forward methods of module instances; parameters and state-dict keys unchanged):
-  RMSNorm (Llama/Mistral/Qwen2)  -> RMSNormFunction: Triton forward (kernels/norm.py), Triton backward
-  LayerNorm (Bloom)              -> LayerNormFunction: same, kernels/norm_backward.py
+  RMSNorm (Llama/Mistral/Qwen2)  -> RMSNormFunction: Triton forward and backward (kernels/norm.py)
+  LayerNorm (Bloom)              -> LayerNormFunction: same
   SwiGLU MLP (Llama family)      -> gate_proj(x) and up_proj(x) called as modules (their hooks run:
                                     DeepSpeed ZeRO-3 gathers the weights, adapters apply), then
                                     SwiGLUFunction: silu(gate) * up, Triton forward and backward
-                                    (kernels/activation_backward.py silu_mul_split[_backward])
-  Bloom GeLU                     -> GeluTanhFunction
-  LM head + loss                 -> chunked fused linear + cross-entropy (ulskip.train.fused_ce) when
+                                    (kernels/activation.py silu_mul_split[_backward])
+  Bloom GeLU                     -> GeluTanhFunction (kernels/activation.py)
+  LM head + loss                 -> chunked fused linear + cross-entropy (kernels/cross_entropy.py) when
                                     labels are given: no [tokens, vocab] logits, logits=None returned
-The Triton pieces run where `ulskip.train._kernels.use_triton` says (CUDA tensors, or anywhere under
-TRITON_INTERPRET=1); elsewhere the patched modules fall back to their original forward, and the fused
-cross-entropy uses its PyTorch path.
+The Triton pieces run where `kernels.backend.use_triton(t, interpreter=True)` says (CUDA tensors, or
+anywhere under TRITON_INTERPRET=1); elsewhere the patched modules fall back to their original forward,
+and the fused cross-entropy uses its PyTorch path.
 Every patched module reads only its own parameters inside its own forward, so the norm/activation patches
 are safe under DeepSpeed ZeRO-3; the fused loss reads the LM head's weight outside the head's forward,
 so it is not (`ulskip train` leaves it out under ZeRO-3).
@@ -25,10 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ulskip.config import check_model_type
-from ulskip.ops import _kernel
-from ulskip.train import _kernels
-from ulskip.train.fused_ce import fused_linear_cross_entropy
+from ulskip.kernels import backend
+from ulskip.kernels.activation import GeluTanhFunction, SwiGLUFunction
+from ulskip.kernels.cross_entropy import fused_linear_cross_entropy
+from ulskip.kernels.norm import LayerNormFunction, RMSNormFunction
+from ulskip.loading.config import check_model_type
 
 
 def _autocast_on(t: torch.Tensor) -> bool:
@@ -38,77 +39,16 @@ def _autocast_on(t: torch.Tensor) -> bool:
         return t.is_cuda and torch.is_autocast_enabled()
 
 
-# ----------------------------------------------------------------------------- autograd Functions
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y = _kernel("norm").rms_norm(x, weight, eps)
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dx, dw = _kernel("norm_backward").rms_norm_backward(dy, x, weight, ctx.eps)
-        return dx, (dw if ctx.needs_input_grad[1] else None), None
-
-
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y = _kernel("norm").layer_norm(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias)
-        ctx.eps = eps
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias = ctx.saved_tensors
-        dx, dw, db = _kernel("norm_backward").layer_norm_backward(dy, x, weight, bias, ctx.eps)
-        return (dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None, None)
-
-
-class SwiGLUFunction(torch.autograd.Function):
-    """gate, up [.., I] (the outputs of gate_proj and up_proj) -> silu(gate) * up [.., I].
-
-    Two inputs rather than one [.., 2I] tensor: concatenating the projection outputs would cost an extra
-    read and write of 2I per token (and splitting the gradient back another), while the kernel reads the
-    two tensors where they are."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return _kernel("activation_backward").silu_mul_split(gate, up)
-
-    @staticmethod
-    def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
-        return _kernel("activation_backward").silu_mul_split_backward(dy, gate, up)
-
-
-class GeluTanhFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return _kernel("activation").gelu_tanh(x)
-
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return _kernel("activation_backward").gelu_tanh_backward(dy, x)
-
-
 # ----------------------------------------------------------------------------- patched forwards
 def _rms_forward(self, hidden_states):
-    if not _kernels.use_triton(hidden_states):
+    if not backend.use_triton(hidden_states, interpreter=True):
         return self._ulskip_orig_forward(hidden_states)
     eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
     return RMSNormFunction.apply(hidden_states, self.weight, float(eps))
 
 
 def _ln_forward(self, x):
-    if not _kernels.use_triton(x):
+    if not backend.use_triton(x, interpreter=True):
         return self._ulskip_orig_forward(x)
     w, b = self.weight, self.bias
     if _autocast_on(x):  # F.layer_norm autocasts to fp32; keep that contract
@@ -119,7 +59,7 @@ def _ln_forward(self, x):
 
 
 def _swiglu_forward(self, x):
-    if not _kernels.use_triton(x):
+    if not backend.use_triton(x, interpreter=True):
         return self._ulskip_orig_forward(x)
     # Call the projections as modules, never read their weights here: under ZeRO-3 a weight is gathered
     # only inside its own module's forward (pre-forward hook), and adapters/hooks must see the call.
@@ -130,7 +70,7 @@ def _swiglu_forward(self, x):
 
 
 def _gelu_forward(self, x):
-    if not _kernels.use_triton(x):
+    if not backend.use_triton(x, interpreter=True):
         return self._ulskip_orig_forward(x)
     return GeluTanhFunction.apply(x)
 

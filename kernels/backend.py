@@ -1,0 +1,43 @@
+"""Triton, or a stand-in where it is not installed, and the one rule for when a Triton kernel runs.
+
+Every op module in this package holds its PyTorch reference beside its kernels, so it must import on
+machines without triton (macOS, a CPU-only wheel): there `triton` and `tl` below are a stand-in on
+which `@triton.jit` returns the function unchanged and every other attribute is the stand-in again.
+Such kernels are defined but never launched, because `use_triton` is False without triton.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+try:
+    import triton
+    import triton.language as tl
+    AVAILABLE = True
+except ImportError:
+    AVAILABLE = False
+
+    class _Missing:
+        def jit(self, fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        def __getattr__(self, name):
+            return self
+
+    triton = tl = _Missing()
+
+
+@functools.lru_cache(maxsize=None)
+def enabled() -> bool:
+    """triton imports and ULSKIP_NO_TRITON is not set (=1 forces the PyTorch references: debugging)."""
+    return AVAILABLE and os.environ.get("ULSKIP_NO_TRITON", "0") in ("", "0")
+
+
+def use_triton(t, interpreter: bool = False) -> bool:
+    """The rule: a Triton kernel handles tensor `t` when Triton is enabled and `t` is on CUDA. With
+    interpreter=True (the training kernels) also on any device under TRITON_INTERPRET=1: that is how
+    CPU-only CI checks them against PyTorch autograd through a patched model. The engine passes False:
+    its CPU path is the reference, which its exactness tests compare against transformers."""
+    if not enabled():
+        return False
+    return t.is_cuda or (interpreter and os.environ.get("TRITON_INTERPRET") == "1")

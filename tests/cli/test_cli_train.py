@@ -1,0 +1,183 @@
+"""`ulskip train` end to end on CPU (tiny random Llama, a tokenizer trained on the test's own text, a
+small real-text prefix/response data set): the loss falls, frozen embeddings stay unchanged, the saved
+folder runs in the engine with the trained schedule, resuming works, bad data gets clear errors; and the
+training forward's logits equal the engine's decode logits (train/infer consistency)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_checkpoint, make_tokenizer, make_train_model as make_model, read_log_losses, records, write_jsonl
+from ulskip.cli import main
+
+COMMON = ["--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--warmup_ratio", "0",
+          "--lr_scheduler_type", "constant", "--logging_steps", "5", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama", num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "a.jsonl", records()[:8] * 3)
+    with open(d / "b.json", "w") as f:
+        json.dump(records()[8:] * 3, f)
+    return str(d / "*.json*")
+
+
+@pytest.fixture(scope="module")
+def trained(ckpt, data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("out"))
+    rc = main(["train", "--model_name_or_path", ckpt, "--train_file", data, "--output_dir", out,
+               "--target_speedup", "2", "--max_steps", "40", "--save_steps", "20", *COMMON])
+    assert rc == 0
+    return out
+
+
+def test_loss_falls_and_checkpoint(trained, ckpt):
+    losses = read_log_losses(trained)
+    assert len(losses) == 8 and losses[-1] < 0.6 * losses[0], losses
+    cfg = json.load(open(os.path.join(trained, "config.json")))
+    assert cfg["ulskip"] == {"kept_layers": [0, 3], "num_layers": 4, "target_speedup": 2.0, "strategy": "paper",
+                             "prefill": "full"}
+    assert os.path.exists(os.path.join(trained, "tokenizer.json"))
+    before, after = load_file(os.path.join(ckpt, "model.safetensors")), load_file(os.path.join(trained, "model.safetensors"))
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(before[emb], after[emb])                      # --freeze_emb (default true)
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # untied head trains
+    assert not torch.equal(before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_engine_runs_trained_schedule(trained):
+    import ulskip
+    eng = ulskip.Engine.from_pretrained(trained)
+    assert eng.kept_layers == [0, 3] and eng.prefill_mode == "full"
+    tok = make_tokenizer()
+    out = eng.generate([tok(records()[0]["prefix"])["input_ids"]], max_new_tokens=6)
+    assert tok.decode(out.sequences[0][:5]) in {r["text"] for r in records()}  # it learned the data's form
+
+
+def test_ulskip_generate_runs_trained_schedule(trained, capsys):
+    assert main(["generate", trained, "--prompt", records()[0]["prefix"], "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kept_layers"] == [0, 3] and out["prefill"] == "full" and isinstance(out["texts"][0], str)
+
+
+@pytest.mark.parametrize("family,prefill", [("llama", "full"), ("llama", "skip"), ("bloom", "full"),
+                                            ("bloom", "skip")])
+def test_train_infer_consistency(tmp_path, family, prefill):
+    """Training forward logits at the response positions == the engine's decode scores, for a response
+    that is the engine's own greedy output."""
+    import ulskip
+    from transformers import AutoModelForCausalLM
+    from ulskip.train import apply_uls
+
+    model = make_model(family, num_layers=6, vocab_size=64, seed=7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and "ln" not in name:
+                p.normal_(0, 0.08)
+    apply_uls(model, target_speedup=2, prefill=prefill)
+    model.save_pretrained(tmp_path)
+    eng = ulskip.Engine.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert eng.kept_layers == [0, 3, 5] and eng.prefill_mode == prefill
+    prefix = [1, 7, 9, 11, 13, 20, 5]
+    n = 6
+    out = eng.generate([prefix], max_new_tokens=n, output_scores=True)
+    resp = out.sequences[0]
+    assert len(resp) == n and len(out.scores) == n
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    apply_uls(m, schedule=m.config.ulskip["kept_layers"], prefill=m.config.ulskip["prefill"])
+    ids = torch.tensor([prefix + resp])
+    labels = torch.full_like(ids, -100)
+    labels[0, len(prefix):] = ids[0, len(prefix):]
+    with torch.no_grad():
+        logits = m(input_ids=ids, labels=labels).logits[0]
+    P = len(prefix)
+    for k in range(n):
+        assert torch.allclose(logits[P - 1 + k], out.scores[k][0].float(), atol=1e-4), k
+
+
+def test_resume_from_checkpoint(ckpt, data, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    args = ["train", "--model_name_or_path", ckpt, "--train_file", data, "--save_steps", "4", *COMMON]
+    assert main([*args, "--output_dir", straight, "--max_steps", "8"]) == 0
+    assert main([*args, "--output_dir", resumed, "--max_steps", "4"]) == 0
+    assert main([*args, "--output_dir", resumed, "--max_steps", "8", "--resume_from_checkpoint", "latest"]) == 0
+    state = json.load(open(os.path.join(resumed, "checkpoint-8", "trainer_state.json")))
+    assert state["global_step"] == 8
+    a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def _err(capsys):
+    return capsys.readouterr().err
+
+
+def test_bad_data_errors(ckpt, tmp_path, capsys):
+    def run(pattern, *extra):
+        return main(["train", "--model_name_or_path", ckpt, "--train_file", pattern, "--output_dir",
+                     str(tmp_path / "o"), *extra])
+
+    assert run(str(tmp_path / "nothing*.jsonl")) == 2
+    assert "matches no files" in _err(capsys)
+    bad = tmp_path / "missing.jsonl"
+    bad.write_text(json.dumps(records()[0]) + "\n\n" + json.dumps({"prefix": "question :"}) + "\n")
+    assert run(str(bad)) == 2
+    err = _err(capsys)
+    assert f"{bad}, line 3" in err and "'text'" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert run(str(empty)) == 2
+    assert f"{empty}: empty file" in _err(capsys)
+    empty_json = tmp_path / "empty.json"
+    empty_json.write_text("[]")
+    assert run(str(empty_json)) == 2
+    assert f"{empty_json}: empty file" in _err(capsys)
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps([records()[0], {"prefix": "question : where is rome ?", "text": "rome " * 40}]))
+    assert run(str(long), "--block_size", "32") == 2
+    err = _err(capsys)
+    assert f"{long}, record 2" in err and "longer than --block_size 32" in err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(records()[0]) + "\n{oops\n")
+    assert run(str(broken)) == 2
+    assert f"{broken}, line 2: not valid JSON" in _err(capsys)
+    assert run(str(bad), "--streaming") == 2
+    assert "--max_steps" in _err(capsys)
+
+
+@pytest.mark.gpu
+def test_train_bf16_fused_gpu(ckpt, data, tmp_path):
+    out = str(tmp_path / "out")
+    assert main(["train", "--model_name_or_path", ckpt, "--train_file", data, "--output_dir", out, "--max_steps",
+                 "30", "--save_steps", "30", "--bf16", "--use_fused_kernels", "--gradient_checkpointing",
+                 *COMMON]) == 0
+    losses = read_log_losses(out)
+    assert all(l == l for l in losses) and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_flags_take_dashes_and_the_underscore_spellings():
+    """One flag style (--target-speedup) everywhere; `ulskip train` keeps transformers' and the paper's
+    underscore spellings as aliases, so their commands run as they are."""
+    import argparse
+
+    from ulskip.cli import train
+
+    def parse(*argv):
+        p = argparse.ArgumentParser()
+        train.add_arguments(p)
+        return vars(p.parse_args(argv))
+    dashed = parse("--model-name-or-path", "m", "--train-file", "d.jsonl", "--output-dir", "o",
+                   "--target-speedup", "3", "--per-device-train-batch-size", "2", "--use-fused-kernels")
+    under = parse("--model_name_or_path", "m", "--train_file", "d.jsonl", "--output_dir", "o",
+                  "--target_speedup", "3", "--per_device_train_batch_size", "2", "--use_fused_kernels")
+    assert dashed == under
+    assert dashed["target_speedup"] == 3.0 and dashed["per_device_train_batch_size"] == 2
+    assert dashed["use_fused_kernels"] is True

@@ -1,0 +1,1 @@
+"""Model -> tokens: the compact KV cache, CUDA graphs, the engine's prefill/decode loop, sampling, beam search."""

@@ -1,0 +1,234 @@
+"""Batched generation with Unified Layer Skipping over a compact KV cache.
+
+Data flow: checkpoint folder -> config + schedule -> model (kept layers, fused weights) -> Engine
+(static compact cache) -> tokens. The prompt pass runs all layers (prefill="full") or the kept ones
+(prefill="skip"); every decode step runs the kept layers only, and every sequence of the batch shares
+that schedule, so a decode step is one fixed program.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+from ulskip.loading.checkpoint import CheckpointTensors, StateDictTensors, build_model
+from ulskip.loading.config import from_hf, load_config
+from ulskip.loading.tokenizer import load_tokenizer
+from ulskip.models.base import Step
+from ulskip.runtime.beam import beam_search
+from ulskip.runtime.cache import CompactKVCache
+from ulskip.runtime.generation import GenerationConfig
+from ulskip.runtime.graphs import DecodeGraphs, PrefillGraphs
+from ulskip.runtime.sampling import sample
+from ulskip.schedule import check_prefill, make_plan
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+EOS_CHECK_EVERY = 8  # steps between host syncs that look for "all sequences finished"
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[list[int]]                      # new tokens per prompt, up to and including EOS
+    scores: list[torch.Tensor] | None = None        # per step: [rows, V] fp32 logits before sampling
+    texts: list[str] | None = field(default=None)   # decoded sequences, when a tokenizer is present
+
+
+def _parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _default_max_seq_len(cfg) -> int:
+    return min(cfg.max_position_embeddings, 2048, cfg.sliding_window or 2048)
+
+
+class Engine:
+    def __init__(self, model, kept_layers, prefill: str = "full", max_batch_size: int = 8,
+                 max_seq_len: int = 2048, tokenizer=None, cuda_graphs: bool = True):
+        check_prefill(prefill)
+        for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        cfg = model.cfg
+        if max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        if cfg.sliding_window and max_seq_len > cfg.sliding_window:
+            # Within the window, sliding-window attention is plain causal attention; past it we would
+            # need the window mask in every attention kernel, which is not implemented.
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's sliding_window="
+                             f"{cfg.sliding_window}; sequences are limited to the window (not implemented past it)")
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.kept_layers = list(kept_layers)
+        self.prefill_layers = list(range(cfg.num_layers)) if prefill == "full" else self.kept_layers
+        self.prefill_mode, self.num_layers = prefill, cfg.num_layers
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache = CompactKVCache(self.kept_layers, max_batch_size, cfg.num_kv_heads, max_seq_len,
+                                    cfg.head_dim, self.dtype, self.device)
+        # GPU only, captured on first use: decode steps replay a graph per batch bucket, short prompt
+        # passes one per (batch bucket, length bucket)
+        graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs = DecodeGraphs(self._decode_eager, max_batch_size, max_seq_len, self.device) if graphs else None
+        self.prefill_graphs = PrefillGraphs(self._prefill_eager, max_batch_size, max_seq_len, self.device) \
+            if graphs else None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path, target_speedup=None, schedule=None, prefill=None, dtype=None,
+                        device=None, max_batch_size: int = 8, max_seq_len: int | None = None,
+                        strategy: str = "paper", cuda_graphs: bool = True):
+        """Load a local Hugging Face checkpoint folder. Without target_speedup/schedule, the folder's
+        `ulskip` section (written by `ulskip train`) decides the schedule and prefill mode; without
+        that section all layers are kept."""
+        cfg = load_config(path)
+        plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _parse_dtype(dtype) or (cfg.torch_dtype if device.type == "cuda" and cfg.torch_dtype
+                                        else torch.float32)
+        model = build_model(cfg, plan.load_layers, CheckpointTensors(path), dtype, device, where=repr(path))
+        max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
+        return cls(model, plan.kept_layers, plan.prefill, max_batch_size, max_seq_len, load_tokenizer(path),
+                   cuda_graphs)
+
+    @classmethod
+    def from_hf_model(cls, hf_model, target_speedup=None, schedule=None, prefill=None,
+                      max_batch_size: int = 8, max_seq_len: int | None = None, strategy: str = "paper",
+                      tokenizer=None, cuda_graphs: bool = True):
+        """Build from a live transformers model (same device and dtype; fused weights are copies)."""
+        cfg = from_hf(hf_model.config)
+        plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip)
+        p = next(hf_model.parameters())
+        model = build_model(cfg, plan.load_layers, StateDictTensors(hf_model.state_dict()), p.dtype, p.device,
+                            where="the model's state dict")
+        max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
+        return cls(model, plan.kept_layers, plan.prefill, max_batch_size, max_seq_len, tokenizer, cuda_graphs)
+
+    @property
+    def kv_cache_nbytes(self) -> int:
+        return self.cache.nbytes
+
+    # ------------------------------------------------------------------ model steps
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, graphs: bool = True) -> torch.Tensor:
+        """The prompt pass: tokens [B, T] right-padded prompts (on the engine's device), lengths [B] ->
+        fp32 logits [B, V] of each prompt's last token; writes cache rows 0..B-1, positions 0..T-1.
+        Through the prefill layers (all for prefill="full"). graphs=False runs it eagerly; otherwise a
+        captured CUDA graph runs it where one fits, and the result is then the graph's static buffer:
+        valid until the next prompt pass."""
+        if graphs and self.prefill_graphs is not None and self.prefill_graphs.fits(*tokens.shape):
+            return self.prefill_graphs(tokens, lengths)
+        return self._prefill_eager(tokens, lengths)
+
+    def _prefill_eager(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T = tokens.shape
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        step = Step(positions=positions, cache=self.cache, decode=False)
+        return self.model(tokens, step, self.prefill_layers, last_index=lengths - 1)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, graphs: bool = True) -> torch.Tensor:
+        """One decode step: tokens [B] at positions [B] (cache rows 0..B-1) through the kept layers ->
+        fp32 logits [B, V]. graphs=False runs it eagerly; otherwise (on a GPU) it replays the CUDA graph
+        of its batch bucket, and the result is the graph's static buffer: valid until the next step."""
+        if graphs and self.graphs is not None:
+            return self.graphs(tokens, positions)
+        return self._decode_eager(tokens, positions)
+
+    def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        step = Step(positions=positions.unsqueeze(1), cache=self.cache, decode=True, seq_lens=positions + 1)
+        return self.model(tokens.unsqueeze(1), step, self.kept_layers)
+
+    # ------------------------------------------------------------------ generation
+    def _encode(self, prompts) -> list[list[int]]:
+        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of token-id lists or strings")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("string prompts need a tokenizer in the checkpoint folder (none found); "
+                                     "pass token-id lists instead")
+                p = self.tokenizer(p)["input_ids"]
+            if isinstance(p, torch.Tensor):
+                p = p.tolist()
+            if not isinstance(p, (list, tuple)) or len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < self.cfg.vocab_size
+                       for t in p):
+                raise ValueError(f"prompt {i} must hold token ids in [0, {self.cfg.vocab_size}), got {p!r}")
+            out.append([int(t) for t in p])
+        return out
+
+    def generate(self, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, num_beams: int = 1, eos_token_id=None, seed=None,
+                 output_scores: bool = False, length_penalty: float = 1.0) -> GenerationOutput:
+        prompts = self._encode(prompts)
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                               top_k=top_k, top_p=top_p, num_beams=num_beams, eos_token_id=eos_token_id,
+                               seed=seed, output_scores=output_scores, length_penalty=length_penalty)
+        rows = len(prompts) * num_beams
+        if rows > self.max_batch_size:
+            raise ValueError(f"{len(prompts)} prompts x {num_beams} beams = {rows} rows exceed max_batch_size="
+                             f"{self.max_batch_size}; build the Engine with a larger max_batch_size")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = "
+                             f"{longest + max_new_tokens} exceeds max_seq_len={self.max_seq_len}")
+
+        # built on the host, then one copy each (a copy per prompt costs ~10 us apiece at batch 64)
+        lengths = torch.tensor([len(p) for p in prompts]).to(self.device)
+        tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompts]).to(self.device)
+        logits = self.prefill(tokens, lengths)
+        if num_beams > 1:
+            seqs, scores = beam_search(self, logits, lengths, gen)
+        else:
+            seqs, scores = self._sample_loop(logits, lengths, gen)
+        texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs] if self.tokenizer else None
+        return GenerationOutput(sequences=seqs, scores=scores, texts=texts)
+
+    def _sample_loop(self, logits, lengths, gen: GenerationConfig):
+        B, max_new_tokens, eos, output_scores = logits.shape[0], gen.max_new_tokens, gen.eos_ids, gen.output_scores
+        rng = None
+        if gen.do_sample and gen.seed is not None:
+            rng = torch.Generator(device=self.device).manual_seed(gen.seed)
+        eos_t = torch.tensor(eos, device=self.device, dtype=torch.long)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
+        scores = [] if output_scores else None
+        positions = lengths.clone()
+        steps = 0
+        for t in range(max_new_tokens):
+            if output_scores:
+                scores.append(logits.clone())
+            if gen.do_sample:
+                nxt = sample(logits, gen.temperature, gen.top_k, gen.top_p, rng)
+            else:
+                nxt = torch.argmax(logits, dim=-1)
+            if len(eos):
+                nxt = torch.where(finished, eos_t[0], nxt)
+                finished |= torch.isin(nxt, eos_t)
+            out[:, t] = nxt
+            steps = t + 1
+            if t == max_new_tokens - 1:
+                break
+            if len(eos) and (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+                break
+            logits = self.decode(nxt, positions)
+            positions += 1
+        return _cut_at_eos(out[:, :steps].tolist(), eos), scores
+
+
+def _cut_at_eos(rows, eos):
+    """Keep each sequence up to and including its first EOS."""
+    out = []
+    for r in rows:
+        cut = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
+        out.append(r[:cut])
+    return out
