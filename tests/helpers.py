@@ -190,6 +190,14 @@ def make_checkpoint(path, family="llama", num_layers=4, seed=0):
     return str(path)
 
 
+def write_train_data(folder) -> str:
+    """The FACTS records as a .jsonl and a .json array file in `folder`; returns their glob."""
+    write_jsonl(folder / "a.jsonl", records()[:8] * 3)
+    with open(folder / "b.json", "w") as f:
+        json.dump(records()[8:] * 3, f)
+    return str(folder / "*.json*")
+
+
 def write_jsonl(path, recs):
     with open(path, "w") as f:
         for r in recs:

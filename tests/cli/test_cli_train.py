@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_checkpoint, make_tokenizer, make_train_model as make_model, read_log_losses, records, write_jsonl
+from helpers import (make_checkpoint, make_tokenizer, make_train_model as make_model, read_log_losses, records,
+                     write_train_data)
 from ulskip.cli import main
 
 COMMON = ["--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--warmup_ratio", "0",
@@ -23,11 +24,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_jsonl(d / "a.jsonl", records()[:8] * 3)
-    with open(d / "b.json", "w") as f:
-        json.dump(records()[8:] * 3, f)
-    return str(d / "*.json*")
+    return write_train_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

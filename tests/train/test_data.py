@@ -1,21 +1,15 @@
 """Training data: records to token ids with the prefix/response boundary, the collator's labels and prefix
 lengths, streaming across DataLoader workers."""
-import json
-
 import pytest
 import torch
 
-from helpers import make_tokenizer, records, write_jsonl
+from helpers import make_tokenizer, write_train_data
 from ulskip.train.data import DataError, StreamingULSDataset, ULSCollator, ULSDataset, resolve_files
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_jsonl(d / "a.jsonl", records()[:8] * 3)
-    with open(d / "b.json", "w") as f:
-        json.dump(records()[8:] * 3, f)
-    return str(d / "*.json*")
+    return write_train_data(tmp_path_factory.mktemp("data"))
 
 
 def test_collator_labels_and_prefix_lengths(data):

@@ -30,12 +30,12 @@ def main(argv=None) -> int:
         if name == chosen:
             mod = importlib.import_module(module)
             mod.add_arguments(p)
-            p.set_defaults(_run=mod.run)
+            p.set_defaults(handler=mod.run)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    return int(args.handler(args) or 0)
 
 
 if __name__ == "__main__":
