@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ulskip.runtime.penalties import apply_penalties_
+
 NEG = -1.0e9
 
 
@@ -16,9 +18,11 @@ def _gather(t, idx):  # t [N, m, ...], idx [N, j] -> [N, j, ...]
 
 
 @torch.inference_mode()
-def beam_search(engine, logits, lengths, gen):
+def beam_search(engine, logits, lengths, gen, history=None):
     """Beam search from the prompt pass's logits [N, V] (one row per prompt) with gen.num_beams beams
-    per prompt; runs engine.decode steps. Returns (sequences per prompt, per-step scores or None)."""
+    per prompt; runs engine.decode steps. history: the prompts' TokenHistory when gen has a repetition
+    penalty or no-repeat n-grams (applied to the log-probabilities, as transformers does in beam search).
+    Returns (sequences per prompt, per-step scores or None)."""
     nb, max_new, eos = gen.num_beams, gen.max_new_tokens, gen.eos_ids
     length_penalty, output_scores = gen.length_penalty, gen.output_scores
     N, V = logits.shape
@@ -27,6 +31,8 @@ def beam_search(engine, logits, lengths, gen):
     rows = torch.arange(N, device=dev).repeat_interleave(nb)
     engine.cache.reorder_(rows, max_len)                # every beam starts from its prompt's cache
     logits, positions = logits[rows], lengths[rows].clone()
+    if history is not None:
+        history.reorder(rows)
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
     k = max(2, 1 + len(eos)) * nb
     top_mask = torch.arange(k, device=dev) < nb
@@ -44,7 +50,10 @@ def beam_search(engine, logits, lengths, gen):
     for t in range(max_new):
         if output_scores:
             scores.append(logits.clone())
-        logp = torch.log_softmax(logits.float(), dim=-1).view(N, nb, V) + running_scores.unsqueeze(-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if history is not None:
+            apply_penalties_(logp, history, gen.repetition_penalty, gen.no_repeat_ngram_size)
+        logp = logp.view(N, nb, V) + running_scores.unsqueeze(-1)
         top_lp, top_idx = torch.topk(logp.view(N, nb * V), k)
         src, tok = top_idx // V, top_idx % V
         cand = _gather(running, src)
@@ -72,6 +81,9 @@ def beam_search(engine, logits, lengths, gen):
         if t == max_new - 1 or not bool(improvable.any()) or bool(hits.all()):
             break
         engine.cache.reorder_(running_rows.flatten(), max_len + t)  # positions written so far
+        if history is not None:
+            history.reorder(running_rows.flatten())
+            history.append(running[:, :, t].flatten())
         logits = engine.decode(running[:, :, t].flatten(), positions)
         positions += 1
 

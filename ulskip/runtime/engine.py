@@ -20,6 +20,7 @@ from ulskip.runtime.beam import beam_search
 from ulskip.runtime.cache import CompactKVCache
 from ulskip.runtime.generation import GenerationConfig
 from ulskip.runtime.graphs import DecodeGraphs, PrefillGraphs
+from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
 from ulskip.schedule import check_prefill, make_plan
 
@@ -166,13 +167,16 @@ class Engine:
             out.append([int(t) for t in p])
         return out
 
+    @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, num_beams: int = 1, eos_token_id=None, seed=None,
-                 output_scores: bool = False, length_penalty: float = 1.0) -> GenerationOutput:
+                 output_scores: bool = False, length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                 no_repeat_ngram_size: int = 0) -> GenerationOutput:
         prompts = self._encode(prompts)
         gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                top_k=top_k, top_p=top_p, num_beams=num_beams, eos_token_id=eos_token_id,
-                               seed=seed, output_scores=output_scores, length_penalty=length_penalty)
+                               seed=seed, output_scores=output_scores, length_penalty=length_penalty,
+                               repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
         rows = len(prompts) * num_beams
         if rows > self.max_batch_size:
             raise ValueError(f"{len(prompts)} prompts x {num_beams} beams = {rows} rows exceed max_batch_size="
@@ -186,14 +190,15 @@ class Engine:
         lengths = torch.tensor([len(p) for p in prompts]).to(self.device)
         tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompts]).to(self.device)
         logits = self.prefill(tokens, lengths)
+        history = TokenHistory(tokens, lengths, max_new_tokens) if gen.penalized else None
         if num_beams > 1:
-            seqs, scores = beam_search(self, logits, lengths, gen)
+            seqs, scores = beam_search(self, logits, lengths, gen, history)
         else:
-            seqs, scores = self._sample_loop(logits, lengths, gen)
+            seqs, scores = self._sample_loop(logits, lengths, gen, history)
         texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs] if self.tokenizer else None
         return GenerationOutput(sequences=seqs, scores=scores, texts=texts)
 
-    def _sample_loop(self, logits, lengths, gen: GenerationConfig):
+    def _sample_loop(self, logits, lengths, gen: GenerationConfig, history: TokenHistory | None):
         B, max_new_tokens, eos, output_scores = logits.shape[0], gen.max_new_tokens, gen.eos_ids, gen.output_scores
         rng = None
         if gen.do_sample and gen.seed is not None:
@@ -207,6 +212,8 @@ class Engine:
         for t in range(max_new_tokens):
             if output_scores:
                 scores.append(logits.clone())
+            if history is not None:  # in place: logits is this step's buffer, rewritten by the next step
+                apply_penalties_(logits, history, gen.repetition_penalty, gen.no_repeat_ngram_size)
             if gen.do_sample:
                 nxt = sample(logits, gen.temperature, gen.top_k, gen.top_p, rng)
             else:
@@ -215,6 +222,8 @@ class Engine:
                 nxt = torch.where(finished, eos_t[0], nxt)
                 finished |= torch.isin(nxt, eos_t)
             out[:, t] = nxt
+            if history is not None:
+                history.append(nxt)
             steps = t + 1
             if t == max_new_tokens - 1:
                 break

@@ -21,6 +21,8 @@ class GenerationConfig:
     seed: int | None = None
     output_scores: bool = False
     length_penalty: float = 1.0
+    repetition_penalty: float = 1.0       # transformers' RepetitionPenaltyLogitsProcessor; 1 = off
+    no_repeat_ngram_size: int = 0         # transformers' NoRepeatNGramLogitsProcessor; 0 = off
     eos_ids: list[int] = field(init=False, default_factory=list)  # eos_token_id as a list ([] = no stop)
 
     def __post_init__(self):
@@ -37,6 +39,12 @@ class GenerationConfig:
             if self.num_beams > 1:
                 raise ValueError("beam search with sampling is not supported; use num_beams=1 with do_sample=True "
                                  "or do_sample=False with num_beams > 1")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not (0 < rp < float("inf")):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {rp!r}")
+        n = self.no_repeat_ngram_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {n!r}")
         eos = self.eos_token_id
         if eos is None:
             self.eos_ids = []
@@ -44,3 +52,7 @@ class GenerationConfig:
             self.eos_ids = [eos]
         else:
             self.eos_ids = list(eos)
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
