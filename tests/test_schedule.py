@@ -52,7 +52,7 @@ def test_bad_layers_and_strategy():
     with pytest.raises(ValueError, match="num_layers"):
         ulskip.uls_schedule(30.0, 2)
     with pytest.raises(ValueError, match="strategy must be one of"):
-        ulskip.uls_schedule(30, 2, "random")
+        ulskip.uls_schedule(30, 2, "fastest")  # ("random" became a policy)
 
 
 def test_layer_speedup():
@@ -73,3 +73,48 @@ def test_user_schedule_must_be_integers():
     assert validate_schedule(6, [5, np.int64(0), 2]) == [0, 2, 5]
     with pytest.raises(ValueError, match="integer layer indices"):
         validate_schedule(6, [0, 2.5, 5])
+
+
+@pytest.mark.parametrize("L,s", [(30, 2), (30, 5), (30, 10), (32, 3), (6, 2.5)])
+def test_every_policy_keeps_the_same_budget(L, s):
+    """Budgets are matched by kept layers per token: K = floor(L / s) for every policy."""
+    bi = [float((7 * i) % L) for i in range(L)]
+    for strategy in ulskip.schedule.STRATEGIES:
+        kept = ulskip.uls_schedule(L, s, strategy, seed=1, block_influence=bi)
+        assert len(kept) == math.floor(L / s) == len(set(kept)) and kept == sorted(kept), strategy
+        assert 0 <= kept[0] and kept[-1] < L
+
+
+def test_baseline_policies():
+    assert ulskip.uls_schedule(30, 2, "uls") == ulskip.uls_schedule(30, 2, "paper")
+    assert ulskip.uls_schedule(30, 5, "early-exit") == [0, 1, 2, 3, 4, 5]
+    bi = [0.1] * 30
+    bi[7], bi[3], bi[29], bi[12], bi[20], bi[0] = 0.9, 0.8, 0.7, 0.6, 0.5, 0.4
+    assert ulskip.uls_schedule(30, 5, "shortgpt", block_influence=bi) == [0, 3, 7, 12, 20, 29]
+    assert ulskip.uls_schedule(30, 10, "shortgpt", block_influence=[0.0] * 30) == [0, 1, 2]  # ties: lower layers
+    a = ulskip.uls_schedule(30, 5, "random", seed=4)
+    assert a == ulskip.uls_schedule(30, 5, "random", seed=4) != ulskip.uls_schedule(30, 5, "random", seed=5)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(strategy="shortgpt"), "needs block_influence"),
+    (dict(strategy="shortgpt", block_influence=[0.1] * 5), "must hold 6 finite numbers"),
+    (dict(strategy="shortgpt", block_influence=[0.1] * 5 + [float("nan")]), "must hold 6 finite numbers"),
+    (dict(strategy="shortgpt", block_influence="abc"), "must be a list of 6 numbers"),
+    (dict(strategy="random", seed=1.5), "seed must be an integer"),
+    (dict(strategy="skipdecode"), "strategy must be one of"),
+])
+def test_bad_policy_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ulskip.uls_schedule(6, 2, **kw)
+
+
+def test_schedule_ends_are_required_unless_a_baseline_says_otherwise():
+    from ulskip.schedule import make_plan, validate_schedule
+    with pytest.raises(ValueError, match="must keep the first"):
+        validate_schedule(6, [0, 1, 2])
+    assert validate_schedule(6, [0, 1, 2], require_ends=False) == [0, 1, 2]
+    section = {"kept_layers": [0, 1, 2], "strategy": "early-exit", "prefill": "full"}
+    assert make_plan(6, section=section).kept_layers == [0, 1, 2]
+    with pytest.raises(ValueError, match="must keep the first"):
+        make_plan(6, section={**section, "strategy": "paper"})

@@ -1,17 +1,24 @@
-"""Which layers run: the Unified Layer Skipping selection rule (Liu, Meng & Zhou, 2024), the prefill
-modes, and the plan a checkpoint is loaded and run with.
+"""Which layers run: the Unified Layer Skipping selection rule (Liu, Meng & Zhou, 2024), the baseline
+layer policies it is compared with, the prefill modes, and the plan a checkpoint is loaded and run with.
 
-The kept set depends only on the number of layers L and the target speedup s, never on the input,
-so every token of a batch follows the same schedule (docs/design.md, "The method").
+The kept set depends only on the number of layers L and the target speedup s (and, for the baselines
+that need one, a seed or calibration scores), never on the input, so every token of a batch follows the
+same schedule (docs/design.md, "The method"). Every strategy keeps K = floor(L / s) layers: budgets are
+matched by kept layers per token.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import operator
+import random
 from dataclasses import dataclass
 
-STRATEGIES = ("paper", "even")
+# "paper" (= "uls"): the paper's rule; "even": K evenly spread, ends kept; "early-exit": the first K
+# layers, then the final norm and head; "shortgpt": the K layers of highest Block Influence on calibration
+# text (ShortGPT drops the rest: ulskip/calibration.py); "random": K layers drawn with a seed.
+STRATEGIES = ("paper", "uls", "even", "early-exit", "shortgpt", "random")
+KEEPS_ENDS = ("paper", "uls", "even", "custom")  # strategies whose schedules always hold 0 and L-1
 # "full" (the paper's): the prompt runs through all layers, decode steps through the kept ones;
 # "skip": the prompt runs through the kept layers too (the model must be fine-tuned that way).
 PREFILL_MODES = ("full", "skip")
@@ -29,17 +36,43 @@ def _check(num_layers, target_speedup, strategy) -> int:
     num_kept = math.floor(num_layers / target_speedup) if target_speedup > 0 else 0
     if target_speedup < 1 or num_kept < 2:
         raise ValueError(f"target_speedup must be in [1, {num_layers / 2:g}] for {num_layers} layers "
-                         f"(at least the first and last layer are kept), got {target_speedup!r}")
+                         f"(at least two layers are kept), got {target_speedup!r}")
     return num_kept
 
 
-def uls_schedule(num_layers: int, target_speedup: float, strategy: str = "paper") -> list[int]:
-    """Sorted indices of the layers kept for `target_speedup` (K = floor(L / s) layers, ends kept).
+def _check_block_influence(block_influence, num_layers: int) -> list[float]:
+    if block_influence is None:
+        raise ValueError("strategy 'shortgpt' needs block_influence: one score per layer from `ulskip calibrate`")
+    try:
+        scores = [float(x) for x in block_influence]
+    except (TypeError, ValueError):
+        raise ValueError(f"block_influence must be a list of {num_layers} numbers, got {block_influence!r}") from None
+    if len(scores) != num_layers or not all(math.isfinite(x) for x in scores):
+        raise ValueError(f"block_influence must hold {num_layers} finite numbers (one per layer), got "
+                         f"{len(scores)}: {scores!r}")
+    return scores
 
-    "paper": the rule of the paper's code: interval = floor(L / (K - 1)); walk i = 1 .. L-2 and keep
-    every i divisible by the interval until K layers are kept. "even": K layers evenly spread.
+
+def uls_schedule(num_layers: int, target_speedup: float, strategy: str = "paper", *, seed: int = 0,
+                 block_influence=None) -> list[int]:
+    """Sorted indices of the layers kept for `target_speedup` (K = floor(L / s) layers).
+
+    "paper" (or "uls"): the rule of the paper's code: both ends kept, interval = floor(L / (K - 1));
+    walk i = 1 .. L-2 and keep every i divisible by the interval until K layers are kept.
+    "even": K layers evenly spread, ends kept. "early-exit": layers 0 .. K-1. "shortgpt": the K layers
+    with the highest block_influence (a score per layer; ties: the lower layer). "random": K layers
+    drawn without replacement with random.Random(seed).
     """
     num_kept = _check(num_layers, target_speedup, strategy)
+    if strategy == "early-exit":
+        return list(range(num_kept))
+    if strategy == "shortgpt":
+        scores = _check_block_influence(block_influence, num_layers)
+        return sorted(sorted(range(num_layers), key=lambda i: (-scores[i], i))[:num_kept])
+    if strategy == "random":
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        return sorted(random.Random(int(seed)).sample(range(num_layers), num_kept))
     if strategy == "even":
         step = (num_layers - 1) / (num_kept - 1)
         return [round(i * step) for i in range(num_kept)]
@@ -53,8 +86,9 @@ def uls_schedule(num_layers: int, target_speedup: float, strategy: str = "paper"
     return sorted(kept)
 
 
-def validate_schedule(num_layers: int, kept_layers) -> list[int]:
-    """Check a user-given schedule: distinct, sorted-able layer indices in [0, L) including 0 and L-1."""
+def validate_schedule(num_layers: int, kept_layers, require_ends: bool = True) -> list[int]:
+    """Check a user-given schedule: distinct, sorted-able layer indices in [0, L), including 0 and L-1
+    unless require_ends is False (the baselines early-exit, shortgpt and random need not keep them)."""
     try:
         kept = sorted(operator.index(i) for i in kept_layers)  # integers only: 2.5 is not a layer
     except TypeError:
@@ -62,7 +96,7 @@ def validate_schedule(num_layers: int, kept_layers) -> list[int]:
     if len(set(kept)) != len(kept) or not kept or kept[0] < 0 or kept[-1] >= num_layers:
         raise ValueError(f"schedule must hold distinct layer indices in [0, {num_layers - 1}], "
                          f"got {list(kept_layers)!r}")
-    if kept[0] != 0 or kept[-1] != num_layers - 1:
+    if require_ends and (kept[0] != 0 or kept[-1] != num_layers - 1):
         raise ValueError(f"schedule must keep the first (0) and last ({num_layers - 1}) layer, "
                          f"got {list(kept_layers)!r}")
     return kept
@@ -89,18 +123,19 @@ class Plan:
 
 
 def make_plan(num_layers: int, target_speedup=None, schedule=None, prefill=None, strategy: str = "paper",
-              section: dict | None = None) -> Plan:
+              section: dict | None = None, seed: int = 0, block_influence=None) -> Plan:
     """Explicit arguments win; then the checkpoint's `ulskip` section (written by `ulskip train`:
-    kept_layers, prefill); else all layers with prefill="full"."""
+    kept_layers, strategy, prefill); else all layers with prefill="full"."""
     section = section or {}
     if schedule is not None and target_speedup is not None:
         raise ValueError("give either target_speedup or schedule, not both")
     if schedule is not None:
         kept = validate_schedule(num_layers, schedule)
     elif target_speedup is not None:
-        kept = uls_schedule(num_layers, target_speedup, strategy)
+        kept = uls_schedule(num_layers, target_speedup, strategy, seed=seed, block_influence=block_influence)
     elif section.get("kept_layers"):
-        kept = validate_schedule(num_layers, section["kept_layers"])
+        kept = validate_schedule(num_layers, section["kept_layers"],
+                                 require_ends=section.get("strategy", "paper") in KEEPS_ENDS)
     else:
         kept = list(range(num_layers))
     prefill = check_prefill(prefill or section.get("prefill", "full"))

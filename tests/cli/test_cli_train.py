@@ -178,3 +178,41 @@ def test_flags_take_dashes_and_the_underscore_spellings():
     assert dashed == under
     assert dashed["target_speedup"] == 3.0 and dashed["per_device_train_batch_size"] == 2
     assert dashed["use_fused_kernels"] is True
+
+
+@pytest.mark.parametrize("family,prefill,strategy", [("llama", "full", "early-exit"), ("llama", "skip", "random"),
+                                                     ("bloom", "full", "shortgpt"), ("llama", "full", "even")])
+def test_train_infer_consistency_of_every_policy(tmp_path, family, prefill, strategy):
+    """The baseline layer policies run through the same two paths as ULS: the training forward's logits
+    at the response positions == the engine's decode scores of a checkpoint saved with that policy (its
+    ulskip section), also where the policy keeps neither end layer."""
+    import ulskip
+    from transformers import AutoModelForCausalLM
+    from ulskip.train import apply_uls
+
+    model = make_model(family, num_layers=6, vocab_size=64, seed=7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and "ln" not in name:
+                p.normal_(0, 0.08)
+    kw = dict(target_speedup=2, strategy=strategy, prefill=prefill, layer_seed=3,
+              block_influence=[0.5, 0.1, 0.9, 0.2, 0.8, 0.3])
+    kept = ulskip.uls_schedule(6, 2, strategy, seed=3, block_influence=kw["block_influence"])
+    assert len(kept) == 3 and (strategy == "even" or kept != [0, 3, 5])
+    apply_uls(model, **kw)
+    model.save_pretrained(tmp_path)
+    eng = ulskip.Engine.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert eng.kept_layers == kept and eng.prefill_mode == prefill
+    prefix, n = [1, 7, 9, 11, 13, 20, 5], 6
+    out = eng.generate([prefix], max_new_tokens=n, output_scores=True)
+    resp = out.sequences[0]
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert m.config.ulskip["strategy"] == strategy and m.config.ulskip["kept_layers"] == kept
+    apply_uls(m, **kw)
+    ids = torch.tensor([prefix + resp])
+    labels = torch.full_like(ids, -100)
+    labels[0, len(prefix):] = ids[0, len(prefix):]
+    with torch.no_grad():
+        logits = m(input_ids=ids, labels=labels).logits[0]
+    for k in range(n):
+        assert torch.allclose(logits[len(prefix) - 1 + k], out.scores[k][0].float(), atol=1e-4), k

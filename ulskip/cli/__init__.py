@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "generate": ("ulskip.cli.generate", "generate text from a checkpoint folder with layer skipping"),
     "convert": ("ulskip.cli.convert", "convert a GGUF checkpoint into a safetensors folder the engine loads"),
     "data": ("ulskip.cli.data", "build fine-tuning / evaluation data sets (gettext translation pairs)"),
+    "calibrate": ("ulskip.cli.calibrate", "Block Influence per layer on calibration text (for --strategy shortgpt)"),
+    "eval": ("ulskip.cli.eval", "quality of a checkpoint under a schedule: BLEU, chrF, perplexity, tokens/s"),
     "bench": ("ulskip.cli.bench", "throughput against Hugging Face baselines, with roofline"),
     "train": ("ulskip.cli.train", "fine-tune a Hugging Face model with the ULS schedule"),
 }

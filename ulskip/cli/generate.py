@@ -3,6 +3,8 @@ import json
 import sys
 import time
 
+from ulskip.schedule import STRATEGIES
+
 
 def add_arguments(p):
     p.add_argument("model", help="local Hugging Face checkpoint folder")
@@ -10,7 +12,10 @@ def add_arguments(p):
     p.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
     p.add_argument("--target-speedup", type=float, default=None,
                    help="target speedup s (default: the checkpoint's ulskip section, else all layers)")
-    p.add_argument("--strategy", default="paper", choices=("paper", "even"))
+    p.add_argument("--strategy", default="paper", choices=STRATEGIES,
+                   help="layer policy for --target-speedup (default paper: the ULS rule)")
+    p.add_argument("--calibration", default=None, help="--strategy shortgpt: the scores file of `ulskip calibrate`")
+    p.add_argument("--layer-seed", type=int, default=0, help="--strategy random: seed of the drawn layers (default 0)")
     p.add_argument("--prefill", default=None, choices=("full", "skip"))
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--do-sample", action="store_true")
@@ -35,9 +40,14 @@ def run(args) -> int:
     if not prompts:
         raise SystemExit("ulskip generate: give at least one --prompt or --prompt-ids")
     try:
+        bi = None
+        if args.calibration:
+            from ulskip.calibration import read_block_influence
+            bi = read_block_influence(args.calibration)
         eng = Engine.from_pretrained(args.model, target_speedup=args.target_speedup, prefill=args.prefill,
                                      dtype=args.dtype, device=args.device, strategy=args.strategy,
-                                     max_batch_size=len(prompts) * args.num_beams)
+                                     max_batch_size=len(prompts) * args.num_beams, layer_seed=args.layer_seed,
+                                     block_influence=bi)
         eos = None
         if eng.tokenizer is not None and not args.no_eos:
             eos = eng.tokenizer.eos_token_id

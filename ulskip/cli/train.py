@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ulskip.schedule import STRATEGIES
+
 
 def flag(p, name: str, **kwargs):
     """--name-with-dashes, with --name_with_underscores as an alias."""
@@ -36,7 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="glob of .json/.jsonl files with 'prefix' and 'text' fields (comma-separate several)")
     flag(p, "output_dir", required=True)
     flag(p, "target_speedup", type=float, default=2.0)
-    flag(p, "strategy", default="paper", choices=["paper", "even"])
+    flag(p, "strategy", default="paper", choices=STRATEGIES,
+         help="layer policy (default paper: the ULS rule; baselines: even, early-exit, shortgpt, random)")
+    flag(p, "calibration", default=None, help="--strategy shortgpt: the scores file of `ulskip calibrate`")
+    flag(p, "layer_seed", type=int, default=0, help="--strategy random: the seed of the drawn layers (default 0)")
     flag(p, "prefill", default="full", choices=["full", "skip"])
     flag(p, "freeze_emb", type=_bool, default=True, nargs="?", const=True,
          help="freeze the word embeddings (with tied embeddings: the LM head too); default true")

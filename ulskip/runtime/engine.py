@@ -84,12 +84,15 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path, target_speedup=None, schedule=None, prefill=None, dtype=None,
                         device=None, max_batch_size: int = 8, max_seq_len: int | None = None,
-                        strategy: str = "paper", cuda_graphs: bool = True):
+                        strategy: str = "paper", cuda_graphs: bool = True, layer_seed: int = 0,
+                        block_influence=None):
         """Load a local Hugging Face checkpoint folder. Without target_speedup/schedule, the folder's
         `ulskip` section (written by `ulskip train`) decides the schedule and prefill mode; without
-        that section all layers are kept."""
+        that section all layers are kept. strategy: the layer policy for target_speedup (ulskip.schedule:
+        paper/uls, even, early-exit, shortgpt with block_influence, random with layer_seed)."""
         cfg = load_config(path)
-        plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip)
+        plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip, layer_seed,
+                         block_influence)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype) or (cfg.torch_dtype if device.type == "cuda" and cfg.torch_dtype
                                         else torch.float32)
@@ -101,10 +104,11 @@ class Engine:
     @classmethod
     def from_hf_model(cls, hf_model, target_speedup=None, schedule=None, prefill=None,
                       max_batch_size: int = 8, max_seq_len: int | None = None, strategy: str = "paper",
-                      tokenizer=None, cuda_graphs: bool = True):
+                      tokenizer=None, cuda_graphs: bool = True, layer_seed: int = 0, block_influence=None):
         """Build from a live transformers model (same device and dtype; fused weights are copies)."""
         cfg = from_hf(hf_model.config)
-        plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip)
+        plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip, layer_seed,
+                         block_influence)
         p = next(hf_model.parameters())
         model = build_model(cfg, plan.load_layers, StateDictTensors(hf_model.state_dict()), p.dtype, p.device,
                             where="the model's state dict")

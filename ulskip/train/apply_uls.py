@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ulskip.schedule import STRATEGIES, check_prefill, layer_speedup, uls_schedule, validate_schedule
+from ulskip.schedule import check_prefill, layer_speedup, uls_schedule, validate_schedule
 from ulskip.train.patching import install_forward, model_type, patch_model
 
 
@@ -136,10 +136,11 @@ def _uls_class(cls):
 
 
 def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str = "full", schedule=None,
-              fused_kernels: bool = False):
+              fused_kernels: bool = False, layer_seed: int = 0, block_influence=None):
     """Prepare `model` (a transformers Llama/Mistral/Qwen2/Bloom causal LM) for ULS fine-tuning, in place.
 
-    The kept layers are `schedule` if given, else `uls_schedule(L, target_speedup, strategy)`. Records
+    The kept layers are `schedule` if given, else `uls_schedule(L, target_speedup, strategy)` (any layer
+    policy of ulskip.schedule; shortgpt takes block_influence, random layer_seed). Records
     {kept_layers, num_layers, target_speedup, strategy, prefill} in `model.config.ulskip`, so
     save_pretrained writes it into config.json (the engine's default schedule). With prefill="skip" the
     skipped layers never run, so their parameters are frozen (requires_grad=False; DDP needs every
@@ -156,9 +157,7 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
     else:
         if target_speedup is None:
             raise ValueError("apply_uls needs target_speedup (or an explicit schedule)")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        kept = uls_schedule(L, target_speedup, strategy)
+        kept = uls_schedule(L, target_speedup, strategy, seed=layer_seed, block_influence=block_influence)
     ctx = _ULSContext(kept, prefill)
     for i, layer in enumerate(layers):
         layer.__class__ = _uls_class(type(layer))

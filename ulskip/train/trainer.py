@@ -91,6 +91,7 @@ def build_trainer(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
+    from ulskip.calibration import read_block_influence
     from ulskip.train.apply_uls import apply_uls
     from ulskip.train.data import StreamingULSDataset, ULSCollator, ULSDataset, resolve_files
 
@@ -114,7 +115,13 @@ def build_trainer(args):
     if args.freeze_emb:
         model.get_input_embeddings().weight.requires_grad_(False)  # tied: the LM head is the same tensor
     fused = bool(args.use_fused_kernels)
-    apply_uls(model, target_speedup=args.target_speedup, strategy=args.strategy, prefill=args.prefill)
+    bi = None
+    if args.strategy == "shortgpt":
+        if not args.calibration:
+            raise ValueError("--strategy shortgpt needs --calibration (the scores file of `ulskip calibrate`)")
+        bi = read_block_influence(args.calibration)
+    apply_uls(model, target_speedup=args.target_speedup, strategy=args.strategy, prefill=args.prefill,
+              layer_seed=args.layer_seed, block_influence=bi)
     if fused:
         from ulskip.train.patching import patch_model
         kw = fused_patch_kwargs(args)
