@@ -1,0 +1,217 @@
+"""The quality study: fine-tune a real model under each layer policy, evaluate every checkpoint with the
+engine, and report BLEU / chrF / perplexity against the realized speedup (bench/QUALITY.md).
+
+    python -m ulskip.bench.quality run --model CKPT --data DATA_DIR --out STUDY_DIR [--steps a,b,...]
+    python -m ulskip.bench.quality report STUDY_DIR... --md table.md --plot quality.png [--speed bench.json]
+
+Every step is one `ulskip` command (calibrate, train, eval) run as a subprocess, so the study is exactly
+what a user can repeat by hand. A step is skipped when its result file exists: the study resumes where a
+time limit stopped it. Each step's result is STUDY_DIR/<step>/eval.json (the `ulskip eval --json` file)
+plus train.log and the step's settings in step.json.
+
+Budgets are matched by kept layers per token (K = floor(L / s) for every policy), so the decode speed of a
+row depends only on K and the prefill mode: it comes from one `ulskip bench` run on the same model
+(--speed), not from each checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# name -> (strategy, target speedup, prefill, fine-tuned). "base-*": the pretrained model, no fine-tune.
+STEPS = {
+    "base-full": ("paper", 1, "full", False),
+    "base-uls2": ("paper", 2, "full", False),
+    "ft-full": ("paper", 1, "full", True),
+}
+for _s in (2, 3, 5, 10):
+    STEPS[f"uls{_s}-full"] = ("paper", _s, "full", True)
+    STEPS[f"uls{_s}-skip"] = ("paper", _s, "skip", True)
+    for _name, _strategy in (("ee", "early-exit"), ("sg", "shortgpt"), ("rnd", "random"), ("even", "even")):
+        STEPS[f"{_name}{_s}"] = (_strategy, _s, "full", True)
+
+
+
+def train_args(args) -> list[str]:
+    """The one recipe every fine-tune of the study uses (the pilot's: lr 1e-4, batch 32, embeddings frozen)."""
+    return ((["--bf16", "--use-fused-kernels"] if args.bf16 else []) +
+            ["--per-device-train-batch-size", str(args.batch_size), "--learning-rate", str(args.lr),
+             "--num-train-epochs", str(args.epochs), "--lr-scheduler-type", "cosine", "--warmup-ratio", "0.03",
+             "--save-steps", "1000000", "--logging-steps", "50", "--block-size", "256", "--seed", "0"])
+
+
+def eval_args(args) -> list[str]:
+    return (["--batch-size", "64", "--max-new-tokens", "64", "--no-progress"] + (["--dtype", "bf16"] if args.bf16 else [])
+            + (["--paper-decode"] if args.paper_decode else []))
+
+
+def _run(cmd, log):
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        raise SystemExit(f"quality study: `{' '.join(cmd)}` failed (rc {rc}); the end of {log}:\n{tail}")
+    return time.perf_counter() - t0
+
+
+def run_step(name, model, data, out, train_args, eval_args, calibration):
+    strategy, speedup, prefill, trained = STEPS[name]
+    d = os.path.join(out, name)
+    result = os.path.join(d, "eval.json")
+    if os.path.isfile(result):
+        print(f"{name}: done already ({result})", flush=True)
+        return
+    os.makedirs(d, exist_ok=True)
+    log = os.path.join(d, "train.log")
+    cli = [sys.executable, "-m", "ulskip.cli"]
+    policy = ["--strategy", strategy] + (["--calibration", calibration] if strategy == "shortgpt" else [])
+    step = {"name": name, "strategy": strategy, "target_speedup": speedup, "prefill": prefill,
+            "fine_tuned": trained, "model": model, "data": data, "train_args": train_args if trained else None,
+            "eval_args": eval_args}
+    ckpt, train_s = model, None
+    if trained:
+        ckpt = os.path.join(d, "ckpt")
+        if not os.path.isfile(os.path.join(ckpt, "config.json")):
+            train_s = _run(cli + ["train", "--model-name-or-path", model, "--train-file",
+                                  os.path.join(data, "train.jsonl"), "--output-dir", ckpt, "--target-speedup",
+                                  str(speedup), "--prefill", prefill, *policy, *train_args], log)
+        schedule = []  # the checkpoint's own ulskip section
+    else:
+        schedule = ["--target-speedup", str(speedup), "--prefill", prefill, *policy]
+    eval_s = _run(cli + ["eval", ckpt, "--data", os.path.join(data, "test.jsonl"), *schedule, *eval_args,
+                         "--json", result + ".tmp"], log)
+    os.replace(result + ".tmp", result)
+    step.update(train_s=train_s, eval_s=eval_s)
+    with open(os.path.join(d, "step.json"), "w") as f:
+        json.dump(step, f, indent=1)
+    with open(result) as f:
+        r = json.load(f)
+    print(f"{name}: BLEU {r['bleu']:.2f} chrF {r['chrf']:.2f} ppl {r['perplexity']:.3f} kept "
+          f"{len(r['settings']['kept_layers'])}/{r['settings']['num_layers']} (train {train_s or 0:.0f} s, "
+          f"eval {eval_s:.0f} s)", flush=True)
+
+
+def cmd_run(args):
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    bad = [s for s in steps if s not in STEPS]
+    if bad:
+        raise SystemExit(f"quality study: unknown steps {bad}; known: {', '.join(STEPS)}")
+    os.makedirs(args.out, exist_ok=True)
+    calibration = os.path.join(args.out, "block_influence.json")
+    if any(STEPS[s][0] == "shortgpt" for s in steps) and not os.path.isfile(calibration):
+        _run([sys.executable, "-m", "ulskip.cli", "calibrate", args.model, "--data",
+              os.path.join(args.data, "train.jsonl"), "--out", calibration, "--num-records", "512"],
+             os.path.join(args.out, "calibrate.log"))
+    for s in steps:
+        run_step(s, args.model, args.data, args.out, train_args(args), eval_args(args), calibration)
+
+
+def _speed(paths):
+    """(num_kept, prefill, batch) -> (tok/s, decode ms/step) from `ulskip bench --json` files."""
+    out = {}
+    for p in paths or []:
+        with open(p) as f:
+            for r in json.load(f)["rows"]:
+                if r["system"] == "ulskip" and r["status"] == "ok":
+                    out[(r["num_kept"], r["prefill"], r["batch_size"])] = (r["tokens_per_s"], r["decode_ms_per_step"])
+    return out
+
+
+def collect(dirs):
+    rows = []
+    for d in dirs:
+        for name in sorted(os.listdir(d)):
+            e, s = os.path.join(d, name, "eval.json"), os.path.join(d, name, "step.json")
+            if os.path.isfile(e) and os.path.isfile(s):
+                with open(e) as f:
+                    ev = json.load(f)
+                with open(s) as f:
+                    st = json.load(f)
+                lang = os.path.basename(os.path.normpath(st["data"])).replace("data-", "")
+                rows.append({**st, "lang": lang, "bleu": ev["bleu"], "chrf": ev["chrf"], "perplexity": ev["perplexity"],
+                             "kept": len(ev["settings"]["kept_layers"]), "num_layers": ev["settings"]["num_layers"],
+                             "kept_layers": ev["settings"]["kept_layers"]})
+    return rows
+
+
+def cmd_report(args):
+    rows = collect(args.dirs)
+    speed = _speed(args.speed)
+    lines = ["| lang | model | policy | s | kept | prefill | BLEU | chrF | ppl | % of FT BLEU | tok/s bs1 | tok/s bs16 "
+             "| realized speedup bs1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for lang in sorted({r["lang"] for r in rows}):
+        rs = [r for r in rows if r["lang"] == lang]
+        ft = next((r for r in rs if r["name"] == "ft-full"), None)
+        base1 = speed.get((rs[0]["num_layers"], "full", 1)) if rs else None
+        for r in sorted(rs, key=lambda r: (not r["fine_tuned"], r["target_speedup"], r["strategy"], r["prefill"])):
+            s1, s16 = speed.get((r["kept"], r["prefill"], 1)), speed.get((r["kept"], r["prefill"], 16))
+            pct = f"{100 * r['bleu'] / ft['bleu']:.0f}%" if ft and ft["bleu"] > 0 and r["fine_tuned"] else "-"
+            lines.append(f"| {lang} | {'fine-tuned' if r['fine_tuned'] else 'pretrained'} | {r['strategy']} | "
+                         f"{r['target_speedup']:g} | {r['kept']}/{r['num_layers']} | {r['prefill']} | {r['bleu']:.1f} | "
+                         f"{r['chrf']:.1f} | {r['perplexity']:.2f} | {pct} | "
+                         f"{f'{s1[0]:.0f}' if s1 else '-'} | {f'{s16[0]:.0f}' if s16 else '-'} | "
+                         f"{f'{base1[1] / s1[1]:.2f}x' if s1 and base1 else '-'} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table + "\n")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, max(1, len({r["lang"] for r in rows})), figsize=(7, 4.5), squeeze=False)
+        for ax, lang in zip(axes[0], sorted({r["lang"] for r in rows})):
+            rs = [r for r in rows if r["lang"] == lang and r["fine_tuned"]]
+            base1 = speed.get((rs[0]["num_layers"], "full", 1)) if rs else None
+            for label in sorted({(r["strategy"], r["prefill"]) for r in rs}):
+                pts = sorted((r["target_speedup"], r["bleu"], r["kept"], r["prefill"]) for r in rs
+                             if (r["strategy"], r["prefill"]) == label)
+                xs = []
+                for s, _, kept, prefill in pts:
+                    sp = speed.get((kept, prefill, 1))
+                    xs.append(base1[1] / sp[1] if sp and base1 else s)
+                ax.plot(xs, [b for _, b, _, _ in pts], marker="o", label=f"{label[0]} ({label[1]})")
+            ax.set_xlabel("realized decode speedup, batch 1 (target speedup where not measured)")
+            ax.set_ylabel("BLEU")
+            ax.set_title(f"SmolLM2-135M, en->{lang}, fine-tuned per policy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run study steps (resumable)")
+    r.add_argument("--model", required=True, help="the pretrained checkpoint folder")
+    r.add_argument("--data", required=True, help="folder with train.jsonl and test.jsonl (`ulskip data gettext`)")
+    r.add_argument("--out", required=True, help="study folder (one sub-folder per step)")
+    r.add_argument("--steps", default="base-full,base-uls2,ft-full,uls2-full,uls2-skip,ee2,sg2,rnd2",
+                   help=f"comma list of {', '.join(STEPS)}")
+    r.add_argument("--epochs", type=float, default=2.0, help="epochs per fine-tune (default 2)")
+    r.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    r.add_argument("--batch-size", type=int, default=32, help="records per step (default 32)")
+    r.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 training and eval (CPU smoke runs)")
+    r.add_argument("--paper-decode", action="store_true", help="evaluate with 4 beams + no_repeat_ngram_size 3")
+    p = sub.add_parser("report", help="table and plot from study folders")
+    p.add_argument("dirs", nargs="+")
+    p.add_argument("--speed", nargs="*", help="`ulskip bench --json` files of the model (tok/s per kept layers)")
+    p.add_argument("--md", default=None)
+    p.add_argument("--plot", default=None)
+    args = ap.parse_args(argv)
+    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
