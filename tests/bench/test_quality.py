@@ -33,5 +33,5 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     md = tmp_path / "q.md"
     quality.main(["report", str(out), "--speed", str(bench), "--md", str(md), "--plot", str(tmp_path / "q.png")])
     table = md.read_text()
-    assert table.count("| xx |") == 4 and "| early-exit | 2 | 2/4 | full |" in table and "2.00x" in table
+    assert table.count("| xx |") == 4 and "| early-exit | 2 | 2/4 | full |" in table and "2.00x / 2.00x" in table
     assert os.path.getsize(tmp_path / "q.png") > 0

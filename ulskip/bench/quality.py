@@ -115,13 +115,15 @@ def cmd_run(args):
 
 
 def _speed(paths):
-    """(num_kept, prefill, batch) -> (tok/s, decode ms/step) from `ulskip bench --json` files."""
+    """(num_kept, batch) -> (tok/s, decode ms/step) from `ulskip bench --json` files (prefill "full" rows:
+    a decode step runs the kept layers whatever the prefill mode, so its time depends on K alone; tok/s
+    includes the prompt pass of the full mode)."""
     out = {}
     for p in paths or []:
         with open(p) as f:
             for r in json.load(f)["rows"]:
-                if r["system"] == "ulskip" and r["status"] == "ok":
-                    out[(r["num_kept"], r["prefill"], r["batch_size"])] = (r["tokens_per_s"], r["decode_ms_per_step"])
+                if r["system"] == "ulskip" and r["status"] == "ok" and r["prefill"] == "full":
+                    out[(r["num_kept"], r["batch_size"])] = (r["tokens_per_s"], r["decode_ms_per_step"])
     return out
 
 
@@ -146,19 +148,21 @@ def cmd_report(args):
     rows = collect(args.dirs)
     speed = _speed(args.speed)
     lines = ["| lang | model | policy | s | kept | prefill | BLEU | chrF | ppl | % of FT BLEU | tok/s bs1 | tok/s bs16 "
-             "| realized speedup bs1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| decode speedup bs1 / bs16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lang in sorted({r["lang"] for r in rows}):
         rs = [r for r in rows if r["lang"] == lang]
         ft = next((r for r in rs if r["name"] == "ft-full"), None)
-        base1 = speed.get((rs[0]["num_layers"], "full", 1)) if rs else None
+        base1 = speed.get((rs[0]["num_layers"], 1)) if rs else None
+        base16 = speed.get((rs[0]["num_layers"], 16)) if rs else None
         for r in sorted(rs, key=lambda r: (not r["fine_tuned"], r["target_speedup"], r["strategy"], r["prefill"])):
-            s1, s16 = speed.get((r["kept"], r["prefill"], 1)), speed.get((r["kept"], r["prefill"], 16))
+            s1, s16 = speed.get((r["kept"], 1)), speed.get((r["kept"], 16))
             pct = f"{100 * r['bleu'] / ft['bleu']:.0f}%" if ft and ft["bleu"] > 0 and r["fine_tuned"] else "-"
             lines.append(f"| {lang} | {'fine-tuned' if r['fine_tuned'] else 'pretrained'} | {r['strategy']} | "
                          f"{r['target_speedup']:g} | {r['kept']}/{r['num_layers']} | {r['prefill']} | {r['bleu']:.1f} | "
                          f"{r['chrf']:.1f} | {r['perplexity']:.2f} | {pct} | "
                          f"{f'{s1[0]:.0f}' if s1 else '-'} | {f'{s16[0]:.0f}' if s16 else '-'} | "
-                         f"{f'{base1[1] / s1[1]:.2f}x' if s1 and base1 else '-'} |")
+                         f"{f'{base1[1] / s1[1]:.2f}x' if s1 and base1 else '-'} / "
+                         f"{f'{base16[1] / s16[1]:.2f}x' if s16 and base16 else '-'} |")
     table = "\n".join(lines)
     print(table)
     if args.md:
@@ -171,13 +175,13 @@ def cmd_report(args):
         fig, axes = plt.subplots(1, max(1, len({r["lang"] for r in rows})), figsize=(7, 4.5), squeeze=False)
         for ax, lang in zip(axes[0], sorted({r["lang"] for r in rows})):
             rs = [r for r in rows if r["lang"] == lang and r["fine_tuned"]]
-            base1 = speed.get((rs[0]["num_layers"], "full", 1)) if rs else None
+            base1 = speed.get((rs[0]["num_layers"], 1)) if rs else None
             for label in sorted({(r["strategy"], r["prefill"]) for r in rs}):
                 pts = sorted((r["target_speedup"], r["bleu"], r["kept"], r["prefill"]) for r in rs
                              if (r["strategy"], r["prefill"]) == label)
                 xs = []
                 for s, _, kept, prefill in pts:
-                    sp = speed.get((kept, prefill, 1))
+                    sp = speed.get((kept, 1))
                     xs.append(base1[1] / sp[1] if sp and base1 else s)
                 ax.plot(xs, [b for _, b, _, _ in pts], marker="o", label=f"{label[0]} ({label[1]})")
             ax.set_xlabel("realized decode speedup, batch 1 (target speedup where not measured)")
