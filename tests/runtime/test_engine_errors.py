@@ -74,3 +74,68 @@ def test_numpy_and_tensor_token_ids_are_accepted(eng):
     ref = eng.generate([[1, 2, 3]], max_new_tokens=3).sequences
     assert eng.generate([list(np.array([1, 2, 3]))], max_new_tokens=3).sequences == ref
     assert eng.generate([torch.tensor([1, 2, 3])], max_new_tokens=3).sequences == ref
+
+
+# ----------------------------------------------------------------------------- one rule for argument types
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature="1", do_sample=True), r"temperature must be a finite number > 0, got '1'"),
+    (dict(top_p="0.5", do_sample=True), r"top_p must be a number in \(0, 1\], got '0.5'"),
+    (dict(do_sample="no"), r"do_sample must be True or False, got 'no'"),
+    (dict(num_beams=True), r"num_beams must be a positive integer, got True"),
+    (dict(max_new_tokens=2.0), r"max_new_tokens must be a positive integer, got 2.0"),
+    (dict(top_k=True, do_sample=True), r"top_k must be an integer >= 0 \(0 = off\), got True"),
+    (dict(seed=2 ** 64), r"seed must be None or an integer in \[0, 2\*\*63 - 1\]"),
+    (dict(seed=-1), r"seed must be None or an integer in \[0, 2\*\*63 - 1\]"),
+    (dict(eos_token_id=2.0), r"eos_token_id must be None, a token id or a list of token ids"),
+    (dict(eos_token_id=[2, "x"]), r"eos_token_id must be None, a token id or a list of token ids"),
+    (dict(eos_token_id=101), r"eos_token_id 101 is outside the vocabulary \[0, 101\)"),
+    (dict(eos_token_id=-3), r"eos_token_id must be None, a token id"),
+    (dict(output_scores="yes"), r"output_scores must be True or False"),
+])
+def test_argument_types(eng, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        eng.generate([[1, 2]], **{"max_new_tokens": 2, **kwargs})
+
+
+def test_numpy_and_0d_tensor_numbers_are_accepted(eng):
+    import numpy as np
+    import torch
+    ref = eng.generate([[1, 2, 3]], max_new_tokens=4, eos_token_id=7).sequences
+    for eos in (np.int64(7), torch.tensor(7), [np.int32(7)], np.array([7])):
+        assert eng.generate([[1, 2, 3]], max_new_tokens=4, eos_token_id=eos).sequences == ref
+    assert eng.generate([[1, 2, 3]], max_new_tokens=np.int64(4), num_beams=np.int8(1),
+                        do_sample=np.bool_(False), eos_token_id=7).sequences == ref
+    a = eng.generate([[1, 2]], max_new_tokens=3, do_sample=True, temperature=np.float32(0.8), seed=np.int64(3))
+    b = eng.generate([[1, 2]], max_new_tokens=3, do_sample=True, temperature=0.8, seed=3)
+    assert a.sequences == b.sequences
+
+
+def test_prompts_as_arrays(eng):
+    import numpy as np
+    import torch
+    ref = eng.generate([[1, 2, 3], [4, 5, 6]], max_new_tokens=3).sequences
+    assert eng.generate([np.array([1, 2, 3]), np.array([4, 5, 6])], max_new_tokens=3).sequences == ref
+    assert eng.generate(np.array([[1, 2, 3], [4, 5, 6]]), max_new_tokens=3).sequences == ref
+    assert eng.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), max_new_tokens=3).sequences == ref
+    with pytest.raises(ValueError, match=r"prompt 0 must be a 1-d sequence of token ids, got shape \(1, 3\)"):
+        eng.generate([np.array([[1, 2, 3]])], max_new_tokens=3)
+    with pytest.raises(ValueError, match="prompts must be a non-empty list"):
+        eng.generate(np.array([1, 2, 3]), max_new_tokens=3)
+    with pytest.raises(ValueError, match="prompt 0 must be a string or a sequence of token ids, got int"):
+        eng.generate([5], max_new_tokens=3)
+
+
+def test_engine_construction_arguments(path):
+    import torch
+    for kw, match in ((dict(dtype=torch.float64), "dtype must be one of"), (dict(dtype="int8"), "dtype must be one of"),
+                      (dict(device="meta"), r"device must be 'cpu', 'cuda' or 'cuda:N', got 'meta'"),
+                      (dict(device="gpu0"), r"device must be 'cpu', 'cuda' or 'cuda:N'"),
+                      (dict(max_batch_size=True), "max_batch_size must be a positive integer, got True"),
+                      (dict(max_batch_size=2.0), "max_batch_size must be a positive integer, got 2.0"),
+                      (dict(max_batch_size=10 ** 7), r"the KV cache for max_batch_size=10000000 x max_seq_len=16 .* "
+                                                     r"needs .* GiB, but cpu has .* GiB free")):
+        with pytest.raises(ValueError, match=match):
+            Engine.from_pretrained(path, max_seq_len=16, **kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            Engine.from_pretrained(path, device="cuda")

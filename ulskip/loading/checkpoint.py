@@ -24,9 +24,16 @@ class CheckpointTensors:
         self.path = path
         self._open = {}
         if os.path.isfile(os.path.join(path, SAFE_INDEX)) or os.path.isfile(os.path.join(path, BIN_INDEX)):
-            index = SAFE_INDEX if os.path.isfile(os.path.join(path, SAFE_INDEX)) else BIN_INDEX
-            with open(os.path.join(path, index)) as f:
-                self.where = json.load(f)["weight_map"]
+            index = os.path.join(path, SAFE_INDEX if os.path.isfile(os.path.join(path, SAFE_INDEX)) else BIN_INDEX)
+            try:
+                with open(index) as f:
+                    data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"checkpoint index {index!r} is not valid JSON: {e}") from None
+            wm = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise ValueError(f"checkpoint index {index!r} has no 'weight_map' object (tensor name -> file name)")
+            self.where = wm
         else:
             single = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))]
             if not single:
@@ -87,8 +94,34 @@ def _resolve(source, name: str, where: str) -> str:
 
 
 def _read(source, names, where):
+    """The tensors `names`, concatenated along dim 0 (fused projections: their input widths must agree)."""
     parts = [source.get(_resolve(source, n, where)) for n in names]
+    for n, t in zip(names[1:], parts[1:]):
+        if t.shape[1:] != parts[0].shape[1:]:
+            raise ValueError(f"tensor {n!r} in {where} has shape {tuple(t.shape)}, but {names[0]!r} has "
+                             f"{tuple(parts[0].shape)}: they are fused along dim 0, so all dims but the first "
+                             "must agree (check hidden_size / head_dim in config.json)")
     return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+
+
+def _check_finite(name: str, t: torch.Tensor, where: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"tensor {name!r} in {where} holds {bad} non-finite values (NaN or inf): the checkpoint "
+                         "is corrupt or its training diverged")
+
+
+def _check_layer_tensors(cls, cfg, source, where) -> None:
+    """Tensors of layers the config does not have (num_hidden_layers too small for the weights)."""
+    prefix = cls.layer_prefix
+    beyond = sorted({int(n[len(p):].split(".", 1)[0]) for n in source.names()
+                     for p in (prefix, prefix.split(".", 1)[-1])
+                     if n.startswith(p) and n[len(p):].split(".", 1)[0].isdigit()
+                     and int(n[len(p):].split(".", 1)[0]) >= cfg.num_layers})
+    if beyond:
+        raise ValueError(f"{where} holds tensors of layers {beyond[:5]}{'...' if len(beyond) > 5 else ''} but "
+                         f"config.json says the model has {cfg.num_layers} layers: the config and the weights "
+                         "disagree")
 
 
 def build_model(cfg, layer_ids, source, dtype: torch.dtype, device, where: str = "the checkpoint"):
@@ -96,6 +129,7 @@ def build_model(cfg, layer_ids, source, dtype: torch.dtype, device, where: str =
     with names() and get(name)) as the family's weight map says: concatenated, converted, cast to dtype on
     device, norm weights folded in. One parameter at a time, so peak memory is the model plus one tensor."""
     cls = MODEL_CLASSES[cfg.family]
+    _check_layer_tensors(cls, cfg, source, where)
     with torch.device("meta"):
         model = cls(cfg, layer_ids)
     state, shared = {}, {}
@@ -109,11 +143,14 @@ def build_model(cfg, layer_ids, source, dtype: torch.dtype, device, where: str =
                 raise ValueError(f"tensor {spec.tensors[0]!r} in {where} has shape {tuple(t.shape)}, "
                                  f"expected {tuple(p.shape)} from config.json")
             t = t.to(device=device, dtype=dtype)
+            _check_finite(spec.tensors[0] if len(spec.tensors) == 1 else "+".join(spec.tensors), t, where)
         if spec.fold is None:
             shared[spec.tensors] = t
         else:
             g = _read(source, (spec.fold,), where).to(device=device, dtype=dtype)
+            _check_finite(spec.fold, g, where)
             t = (t.float() * g.float()).to(dtype)
+            _check_finite(f"{spec.tensors[0]} x {spec.fold} (folded)", t, where)
         state[ours] = t
     model.load_state_dict(state, assign=True, strict=True)
     model.init_buffers(device)  # computed tables (rotary, ALiBi) were made on meta: rebuild them

@@ -91,9 +91,57 @@ def from_hf(hf_config) -> ModelConfig:
                        sliding_window=getattr(c, "sliding_window", None))
 
 
+def check_config(cfg: ModelConfig, where: str) -> ModelConfig:
+    """Hyper-parameters a model cannot run with, each named with its value (before any weight is read)."""
+    def bad(field, value, allowed):
+        raise ValueError(f"{where}: {field}={value!r} is not a valid value ({allowed})")
+    for field, value in (("vocab_size", cfg.vocab_size), ("hidden_size", cfg.hidden_size),
+                         ("intermediate_size", cfg.intermediate_size), ("num_layers", cfg.num_layers),
+                         ("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads), ("head_dim", cfg.head_dim),
+                         ("max_position_embeddings", cfg.max_position_embeddings)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            bad("num_hidden_layers" if field == "num_layers" else field, value, "a positive integer")
+    if cfg.num_heads % cfg.num_kv_heads:
+        bad("num_key_value_heads", cfg.num_kv_heads, f"a divisor of num_attention_heads={cfg.num_heads}")
+    if isinstance(cfg.norm_eps, bool) or not isinstance(cfg.norm_eps, (int, float)) or not 0 < cfg.norm_eps < 1:
+        bad("rms_norm_eps" if cfg.family == "llama" else "layer_norm_epsilon", cfg.norm_eps, "a number in (0, 1)")
+    if cfg.sliding_window is not None and (isinstance(cfg.sliding_window, bool) or not isinstance(cfg.sliding_window, int)
+                                           or cfg.sliding_window < 1):
+        bad("sliding_window", cfg.sliding_window, "null or a positive integer")
+    check_section(cfg.ulskip, cfg.num_layers, where)
+    return cfg
+
+
+def check_section(section, num_layers: int, where: str) -> None:
+    """The `ulskip` section `ulskip train` writes: kept_layers (non-empty), num_layers equal to the model's,
+    prefill and strategy known. The schedule itself is validated when it is planned (ulskip.schedule)."""
+    if section is None:
+        return
+    from ulskip.schedule import PREFILL_MODES, STRATEGIES
+    if not isinstance(section, dict):
+        raise ValueError(f"{where}: the 'ulskip' section must be an object with kept_layers, num_layers, "
+                         f"prefill, strategy; got {type(section).__name__} {section!r}")
+    kept = section.get("kept_layers")
+    if not isinstance(kept, list) or not kept:
+        raise ValueError(f"{where}: ulskip.kept_layers must be a non-empty list of layer indices, got {kept!r}")
+    n = section.get("num_layers", num_layers)
+    if n != num_layers:
+        raise ValueError(f"{where}: ulskip.num_layers={n!r} but the model has {num_layers} layers "
+                         "(the section was written for another model)")
+    if section.get("prefill", "full") not in PREFILL_MODES:
+        raise ValueError(f"{where}: ulskip.prefill={section.get('prefill')!r}; allowed: {', '.join(PREFILL_MODES)}")
+    if section.get("strategy", "paper") not in STRATEGIES + ("custom",):
+        raise ValueError(f"{where}: ulskip.strategy={section.get('strategy')!r}; allowed: "
+                         f"{', '.join(STRATEGIES + ('custom',))}")
+
+
 def load_config(path: str) -> ModelConfig:
     """Read config.json of a local checkpoint folder (never touches the network)."""
     read_config_json(path)  # clear errors for a missing folder/file or an unknown family
     from transformers import AutoConfig
-    return from_hf(AutoConfig.from_pretrained(path, local_files_only=True))
+    try:
+        hf = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001  (a field transformers refuses; its validators raise their own types)
+        raise ValueError(f"{os.path.join(path, 'config.json')}: transformers cannot read it: {e}") from None
+    return check_config(from_hf(hf), os.path.join(path, "config.json"))
 

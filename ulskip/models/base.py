@@ -79,7 +79,8 @@ def prefill_attention(q, k, v, scale, slopes=None):
 
 
 class DecoderLM(nn.Module):
-    """The layer loop; a family subclasses it and provides the five methods below."""
+    """The layer loop; a family subclasses it and provides the five methods below and layer_prefix."""
+    layer_prefix: str = ""  # checkpoint name prefix of the decoder layers ("model.layers."), then "<i>."
 
     def __init__(self, cfg, layer_ids):
         super().__init__()

@@ -44,6 +44,8 @@ class BloomLayer(nn.Module):
 
 
 class BloomLM(DecoderLM):
+    layer_prefix = "transformer.h."
+
     def __init__(self, cfg, layer_ids):
         super().__init__(cfg, layer_ids)
         H = cfg.hidden_size

@@ -40,6 +40,8 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaLM(DecoderLM):
+    layer_prefix = "model.layers."
+
     def __init__(self, cfg, layer_ids):
         super().__init__(cfg, layer_ids)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)

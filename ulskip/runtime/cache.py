@@ -19,6 +19,12 @@ class CompactKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    @staticmethod
+    def bytes_needed(num_kept, max_batch_size, num_kv_heads, max_seq_len, head_dim, dtype) -> int:
+        """What the cache allocates (K and V), computed before allocating."""
+        elt = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_kept * max_batch_size * num_kv_heads * max_seq_len * head_dim * elt
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -10,10 +10,12 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from ulskip.arguments import integer
 from ulskip.loading.checkpoint import CheckpointTensors, StateDictTensors, build_model
-from ulskip.loading.config import from_hf, load_config
+from ulskip.loading.config import check_config, from_hf, load_config
 from ulskip.loading.tokenizer import load_tokenizer
 from ulskip.models.base import Step
 from ulskip.runtime.beam import beam_search
@@ -37,11 +39,46 @@ class GenerationOutput:
 
 
 def _parse_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or torch.float32 / float16 / bfloat16, "
+                         f"got {dtype!r}")
     return DTYPES[dtype]
+
+
+def _parse_device(device) -> torch.device:
+    """cpu, cuda or cuda:N (available), as a string or torch.device; None: cuda when available."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (use 'cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory the cache would come from: the GPU's free bytes, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _default_max_seq_len(cfg) -> int:
@@ -52,9 +89,8 @@ class Engine:
     def __init__(self, model, kept_layers, prefill: str = "full", max_batch_size: int = 8,
                  max_seq_len: int = 2048, tokenizer=None, cuda_graphs: bool = True):
         check_prefill(prefill)
-        for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        max_batch_size = integer("max_batch_size", max_batch_size, 1, what="a positive integer")
+        max_seq_len = integer("max_seq_len", max_seq_len, 1, what="a positive integer")
         cfg = model.cfg
         if max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
@@ -70,7 +106,14 @@ class Engine:
         self.prefill_mode, self.num_layers = prefill, cfg.num_layers
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = p.device, _parse_dtype(p.dtype)
+        cache_bytes = CompactKVCache.bytes_needed(len(self.kept_layers), max_batch_size, cfg.num_kv_heads,
+                                                  max_seq_len, cfg.head_dim, self.dtype)
+        free = free_memory_bytes(self.device)
+        if free is not None and cache_bytes > free:
+            raise ValueError(f"the KV cache for max_batch_size={max_batch_size} x max_seq_len={max_seq_len} "
+                             f"({len(self.kept_layers)} kept layers) needs {cache_bytes / 2**30:.2f} GiB, but "
+                             f"{self.device} has {free / 2**30:.2f} GiB free; lower max_batch_size or max_seq_len")
         self.cache = CompactKVCache(self.kept_layers, max_batch_size, cfg.num_kv_heads, max_seq_len,
                                     cfg.head_dim, self.dtype, self.device)
         # GPU only, captured on first use: decode steps replay a graph per batch bucket, short prompt
@@ -93,8 +136,8 @@ class Engine:
         cfg = load_config(path)
         plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip, layer_seed,
                          block_influence)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _parse_dtype(dtype) or (cfg.torch_dtype if device.type == "cuda" and cfg.torch_dtype
+        device = _parse_device(device)
+        dtype = _parse_dtype(dtype) or (cfg.torch_dtype if device.type == "cuda" and cfg.torch_dtype in DTYPES.values()
                                         else torch.float32)
         model = build_model(cfg, plan.load_layers, CheckpointTensors(path), dtype, device, where=repr(path))
         max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
@@ -106,7 +149,7 @@ class Engine:
                       max_batch_size: int = 8, max_seq_len: int | None = None, strategy: str = "paper",
                       tokenizer=None, cuda_graphs: bool = True, layer_seed: int = 0, block_influence=None):
         """Build from a live transformers model (same device and dtype; fused weights are copies)."""
-        cfg = from_hf(hf_model.config)
+        cfg = check_config(from_hf(hf_model.config), "the model's config")
         plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip, layer_seed,
                          block_influence)
         p = next(hf_model.parameters())
@@ -152,8 +195,13 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def _encode(self, prompts) -> list[list[int]]:
+        """A list of prompts (strings, or token-id sequences: lists, 1-d numpy arrays or tensors), or one
+        2-d array / tensor of token ids (a row per prompt) -> lists of ints."""
+        if isinstance(prompts, (np.ndarray, torch.Tensor)) and prompts.ndim == 2:
+            prompts = list(prompts)
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-            raise ValueError("prompts must be a non-empty list of token-id lists or strings")
+            raise ValueError("prompts must be a non-empty list of token-id lists or strings (or a 2-d array of "
+                             f"token ids, a row per prompt), got {type(prompts).__name__}")
         out = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
@@ -161,9 +209,13 @@ class Engine:
                     raise ValueError("string prompts need a tokenizer in the checkpoint folder (none found); "
                                      "pass token-id lists instead")
                 p = self.tokenizer(p)["input_ids"]
-            if isinstance(p, torch.Tensor):
+            if isinstance(p, (np.ndarray, torch.Tensor)):
+                if p.ndim != 1:
+                    raise ValueError(f"prompt {i} must be a 1-d sequence of token ids, got shape {tuple(p.shape)}")
                 p = p.tolist()
-            if not isinstance(p, (list, tuple)) or len(p) == 0:
+            if not isinstance(p, (list, tuple)):
+                raise ValueError(f"prompt {i} must be a string or a sequence of token ids, got {type(p).__name__}")
+            if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
             if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < self.cfg.vocab_size
                        for t in p):
@@ -181,11 +233,12 @@ class Engine:
                                top_k=top_k, top_p=top_p, num_beams=num_beams, eos_token_id=eos_token_id,
                                seed=seed, output_scores=output_scores, length_penalty=length_penalty,
                                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
-        rows = len(prompts) * num_beams
+        gen.check_vocab(self.cfg.vocab_size)
+        rows = len(prompts) * gen.num_beams
         if rows > self.max_batch_size:
-            raise ValueError(f"{len(prompts)} prompts x {num_beams} beams = {rows} rows exceed max_batch_size="
+            raise ValueError(f"{len(prompts)} prompts x {gen.num_beams} beams = {rows} rows exceed max_batch_size="
                              f"{self.max_batch_size}; build the Engine with a larger max_batch_size")
-        longest = max(len(p) for p in prompts)
+        longest, max_new_tokens = max(len(p) for p in prompts), gen.max_new_tokens
         if longest + max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = "
                              f"{longest + max_new_tokens} exceeds max_seq_len={self.max_seq_len}")
@@ -195,7 +248,7 @@ class Engine:
         tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompts]).to(self.device)
         logits = self.prefill(tokens, lengths)
         history = TokenHistory(tokens, lengths, max_new_tokens) if gen.penalized else None
-        if num_beams > 1:
+        if gen.num_beams > 1:
             seqs, scores = beam_search(self, logits, lengths, gen, history)
         else:
             seqs, scores = self._sample_loop(logits, lengths, gen, history)

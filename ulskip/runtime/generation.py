@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ulskip.arguments import flag, integer, is_int, number
 
-def _positive_int(name: str, v) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+SEED_MAX = 2 ** 63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 
 
 @dataclass
@@ -26,32 +25,45 @@ class GenerationConfig:
     eos_ids: list[int] = field(init=False, default_factory=list)  # eos_token_id as a list ([] = no stop)
 
     def __post_init__(self):
-        _positive_int("max_new_tokens", self.max_new_tokens)
-        if not isinstance(self.num_beams, int) or self.num_beams < 1:
-            raise ValueError(f"num_beams must be a positive integer, got {self.num_beams!r}")
+        """Checks every field (the rule of ulskip/arguments.py) and normalizes numpy / 0-d tensor values."""
+        self.max_new_tokens = integer("max_new_tokens", self.max_new_tokens, 1, what="a positive integer")
+        self.num_beams = integer("num_beams", self.num_beams, 1, what="a positive integer")
+        self.do_sample = flag("do_sample", self.do_sample)
+        self.output_scores = flag("output_scores", self.output_scores)
+        # types always; the ranges that matter only when sampling (transformers ignores them otherwise too)
+        self.temperature = number("temperature", self.temperature, what="a finite number > 0")
+        self.top_k = integer("top_k", self.top_k, 0, what="an integer >= 0 (0 = off)")
+        self.top_p = number("top_p", self.top_p, what="a number in (0, 1]")
         if self.do_sample:
             if not self.temperature > 0:
                 raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-            if not isinstance(self.top_k, int) or self.top_k < 0:
-                raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
             if not 0 < self.top_p <= 1:
                 raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
             if self.num_beams > 1:
                 raise ValueError("beam search with sampling is not supported; use num_beams=1 with do_sample=True "
                                  "or do_sample=False with num_beams > 1")
-        rp = self.repetition_penalty
-        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not (0 < rp < float("inf")):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {rp!r}")
-        n = self.no_repeat_ngram_size
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {n!r}")
+        if self.seed is not None:
+            self.seed = integer("seed", self.seed, 0, SEED_MAX, what="None or an integer in [0, 2**63 - 1]")
+        self.length_penalty = number("length_penalty", self.length_penalty)
+        self.repetition_penalty = number("repetition_penalty", self.repetition_penalty, 0, lo_open=True,
+                                         what="a finite number > 0 (1.0 = off)")
+        self.no_repeat_ngram_size = integer("no_repeat_ngram_size", self.no_repeat_ngram_size, 0,
+                                            what="an integer >= 0 (0 = off)")
         eos = self.eos_token_id
+        what = "None, a token id or a list of token ids (integers >= 0)"
         if eos is None:
             self.eos_ids = []
-        elif isinstance(eos, int):
-            self.eos_ids = [eos]
+        elif is_int(eos):
+            self.eos_ids = [integer("eos_token_id", eos, 0, what=what)]
+        elif isinstance(eos, (list, tuple)) or (hasattr(eos, "tolist") and getattr(eos, "ndim", 0) == 1):
+            self.eos_ids = [integer("eos_token_id", e, 0, what=what) for e in list(eos)]
         else:
-            self.eos_ids = list(eos)
+            raise ValueError(f"eos_token_id must be {what}, got {eos!r}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        bad = [e for e in self.eos_ids if e >= vocab_size]
+        if bad:
+            raise ValueError(f"eos_token_id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
     @property
     def penalized(self) -> bool:
