@@ -118,3 +118,27 @@ def test_schedule_ends_are_required_unless_a_baseline_says_otherwise():
     assert make_plan(6, section=section).kept_layers == [0, 1, 2]
     with pytest.raises(ValueError, match="must keep the first"):
         make_plan(6, section={**section, "strategy": "paper"})
+
+
+def test_skipdecode_depths():
+    """SkipDecode at a matched budget: the depth falls linearly over the horizon, never rises, averages K
+    over it, and a token runs the top depth(j) layers (so a later token only reads layers every earlier
+    token ran)."""
+    from ulskip.schedule import skipdecode
+    for L, s in ((30, 2), (30, 5), (30, 10), (32, 3), (6, 2)):
+        sd = skipdecode(L, s)
+        K = math.floor(L / s)
+        depths = [sd.depth(j) for j in range(sd.horizon + 10)]
+        assert depths == sorted(depths, reverse=True) and depths[0] == sd.max_depth and depths[-1] == sd.min_depth
+        assert sum(depths[:sd.horizon]) / sd.horizon == pytest.approx(K, abs=0.05)
+        assert sd.union == list(range(L - sd.max_depth, L)) and sd.layers(5) == list(range(L - depths[5], L))
+        for layer in range(L):  # response_tokens(layer): exactly the tokens j whose layers include it
+            n = sd.response_tokens(layer)
+            runs = [layer in sd.layers(j) for j in range(sd.horizon + 10)]
+            assert runs == ([True] * len(runs) if n is None else [j < n for j in range(len(runs))])
+    assert skipdecode(30, 2).max_depth == 22 and skipdecode(30, 2).min_depth == 8
+    with pytest.raises(ValueError, match="target_speedup must be in"):
+        skipdecode(6, 4)
+    from ulskip.schedule import make_plan
+    with pytest.raises(ValueError, match="prefill must be 'full'"):
+        make_plan(6, target_speedup=2, strategy="skipdecode", prefill="skip")

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 # text (ShortGPT drops the rest: ulskip/calibration.py); "random": K layers drawn with a seed.
 STRATEGIES = ("paper", "uls", "even", "early-exit", "shortgpt", "random")
 KEEPS_ENDS = ("paper", "uls", "even", "custom")  # strategies whose schedules always hold 0 and L-1
+# Per-position depth, one depth per generated position shared by the batch: SkipDecode (SkipDecode class).
+DYNAMIC_STRATEGIES = ("skipdecode",)
+SKIPDECODE_HORIZON = 64  # response positions over which the depth falls from its maximum to its minimum
 # "full" (the paper's): the prompt runs through all layers, decode steps through the kept ones;
 # "skip": the prompt runs through the kept layers too (the model must be fine-tuned that way).
 PREFILL_MODES = ("full", "skip")
@@ -114,12 +117,72 @@ def check_prefill(prefill) -> str:
 
 
 @dataclass(frozen=True)
+class SkipDecode:
+    """SkipDecode (Corro et al., 2023) at a matched budget: response token j (0 = the first one the model
+    generates, the first input of a decode step) runs the top depth(j) layers, the lower ones skipped, so
+    every layer a later token reads was computed for every earlier token (depth never rises). The depth
+    falls linearly from max_depth to min_depth over `horizon` positions and stays at min_depth after;
+    max_depth + min_depth = 2K, so over the horizon a token runs K = floor(L / s) layers on average."""
+    num_layers: int
+    max_depth: int
+    min_depth: int
+    horizon: int = SKIPDECODE_HORIZON
+
+    def depth(self, j: int) -> int:
+        if j >= self.horizon - 1:
+            return self.min_depth
+        return round(self.max_depth - (self.max_depth - self.min_depth) * j / (self.horizon - 1))
+
+    def layers(self, j: int) -> list[int]:
+        """The layers response token j runs."""
+        return list(range(self.num_layers - self.depth(j), self.num_layers))
+
+    @property
+    def union(self) -> list[int]:
+        """Every layer some response token runs: what the compact cache holds."""
+        return self.layers(0)
+
+    def response_tokens(self, layer: int) -> int | None:
+        """How many response tokens (the first ones) run `layer`; None: all of them."""
+        need = self.num_layers - layer
+        if self.min_depth >= need:
+            return None
+        return next(j for j in range(self.horizon) if self.depth(j) < need)
+
+    def as_dict(self) -> dict:
+        return {"max_depth": self.max_depth, "min_depth": self.min_depth, "horizon": self.horizon}
+
+
+def skipdecode(num_layers: int, target_speedup: float, horizon: int = SKIPDECODE_HORIZON) -> SkipDecode:
+    """The SkipDecode schedule of budget K = floor(L / s): depths K + K//2 down to K - K//2 (capped at L)."""
+    k = _check(num_layers, target_speedup, "paper")
+    if isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral) or horizon < 2:
+        raise ValueError(f"horizon must be an integer >= 2, got {horizon!r}")
+    hi = min(num_layers, k + k // 2)
+    return SkipDecode(num_layers, hi, 2 * k - hi, int(horizon))
+
+
+def _section_skipdecode(section: dict, num_layers: int) -> SkipDecode:
+    sd = section.get("skipdecode")
+    try:
+        plan = SkipDecode(num_layers, int(sd["max_depth"]), int(sd["min_depth"]), int(sd["horizon"]))
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"the ulskip section's strategy is skipdecode but its 'skipdecode' entry ({sd!r}) is not "
+                         "{max_depth, min_depth, horizon}") from None
+    if not (1 <= plan.min_depth <= plan.max_depth <= num_layers and plan.horizon >= 2):
+        raise ValueError(f"the ulskip section's skipdecode entry {sd!r} does not fit a model of {num_layers} layers")
+    return plan
+
+
+@dataclass(frozen=True)
 class Plan:
-    """How a checkpoint runs: the kept layers (every decode step), the prefill mode, and the layers whose
-    weights are loaded (all of them for prefill="full"; only the kept ones for "skip")."""
+    """How a checkpoint runs: the kept layers (every decode step; with SkipDecode, every layer some step
+    runs), the prefill mode, the layers whose weights are loaded (all of them for prefill="full"; only the
+    kept ones for "skip"), and for SkipDecode the per-position depths."""
     kept_layers: list[int]
     prefill: str
     load_layers: list[int]
+    skipdecode: SkipDecode | None = None
 
 
 def make_plan(num_layers: int, target_speedup=None, schedule=None, prefill=None, strategy: str = "paper",
@@ -129,15 +192,24 @@ def make_plan(num_layers: int, target_speedup=None, schedule=None, prefill=None,
     section = section or {}
     if schedule is not None and target_speedup is not None:
         raise ValueError("give either target_speedup or schedule, not both")
+    dynamic = None
     if schedule is not None:
         kept = validate_schedule(num_layers, schedule)
+    elif target_speedup is not None and strategy in DYNAMIC_STRATEGIES:
+        dynamic = skipdecode(num_layers, target_speedup)
+        kept = dynamic.union
     elif target_speedup is not None:
         kept = uls_schedule(num_layers, target_speedup, strategy, seed=seed, block_influence=block_influence)
+    elif section.get("kept_layers") and section.get("strategy") in DYNAMIC_STRATEGIES:
+        dynamic = _section_skipdecode(section, num_layers)
+        kept = dynamic.union
     elif section.get("kept_layers"):
         kept = validate_schedule(num_layers, section["kept_layers"],
                                  require_ends=section.get("strategy", "paper") in KEEPS_ENDS)
     else:
         kept = list(range(num_layers))
     prefill = check_prefill(prefill or section.get("prefill", "full"))
+    if dynamic is not None and prefill != "full":
+        raise ValueError("skipdecode runs the prompt through all layers: prefill must be 'full'")
     load = list(range(num_layers)) if prefill == "full" else kept  # skip: never read the rest
-    return Plan(kept, prefill, load)
+    return Plan(kept, prefill, load, dynamic)

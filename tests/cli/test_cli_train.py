@@ -216,3 +216,42 @@ def test_train_infer_consistency_of_every_policy(tmp_path, family, prefill, stra
         logits = m(input_ids=ids, labels=labels).logits[0]
     for k in range(n):
         assert torch.allclose(logits[len(prefix) - 1 + k], out.scores[k][0].float(), atol=1e-4), k
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_train_infer_consistency_of_skipdecode(tmp_path, family):
+    """SkipDecode, whose depth changes per response position: the training forward (each layer runs on
+    the prefix and on the first response tokens that reach it) == the engine's decode scores, step for
+    step through the changing layer sets, for a checkpoint saved with it."""
+    import ulskip
+    from transformers import AutoModelForCausalLM
+    from ulskip.schedule import SkipDecode
+    from ulskip.train import apply_uls
+
+    model = make_model(family, num_layers=6, vocab_size=64, seed=7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and "ln" not in name:
+                p.normal_(0, 0.08)
+    apply_uls(model, target_speedup=2, strategy="skipdecode", skipdecode_horizon=4)  # a short response sees
+    model.save_pretrained(tmp_path)                                                  # every depth
+    eng = ulskip.Engine.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert eng.skipdecode == SkipDecode(6, 4, 2, 4) and eng.kept_layers == [2, 3, 4, 5]
+    assert [eng.step_layers(j) for j in (0, 1, 2, 3, 7)] == [[2, 3, 4, 5], [3, 4, 5], [3, 4, 5], [4, 5], [4, 5]]
+    prefix, n = [1, 7, 9, 11, 13, 20, 5], 7
+    out = eng.generate([prefix, prefix[:4]], max_new_tokens=n, output_scores=True)
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    apply_uls(m, target_speedup=2, strategy="skipdecode", skipdecode_horizon=4)
+    for b, p in enumerate([prefix, prefix[:4]]):
+        resp = out.sequences[b]
+        ids = torch.tensor([p + resp])
+        labels = torch.full_like(ids, -100)
+        labels[0, len(p):] = ids[0, len(p):]
+        with torch.no_grad():
+            logits = m(input_ids=ids, labels=labels).logits[0]
+        for k in range(n):
+            assert torch.allclose(logits[len(p) - 1 + k], out.scores[k][b].float(), atol=1e-4), (b, k)
+    # and the depth schedule mattered: the static ULS schedule gives other scores
+    static = ulskip.Engine.from_pretrained(str(tmp_path), target_speedup=2, dtype=torch.float32)
+    assert not torch.allclose(static.generate([prefix], max_new_tokens=n, output_scores=True).scores[5][0],
+                              out.scores[5][0], atol=1e-3)

@@ -74,7 +74,7 @@ def response_nll(engine, batch: list[dict]) -> tuple[float, int]:
         lp = torch.log_softmax(logits.float(), dim=-1).gather(1, resp[:, t:t + 1])[:, 0]
         nll -= (lp.double() * live[:, t]).sum()
         if t + 1 < R:  # rows whose response ended decode padding into cache positions no one reads
-            logits = engine.decode(resp[:, t], positions)
+            logits = engine.decode(resp[:, t], positions, layers=engine.step_layers(t))
             positions += 1
     return float(nll), int(live.sum())
 

@@ -117,7 +117,8 @@ def check_section(section, num_layers: int, where: str) -> None:
     prefill and strategy known. The schedule itself is validated when it is planned (ulskip.schedule)."""
     if section is None:
         return
-    from ulskip.schedule import PREFILL_MODES, STRATEGIES
+    from ulskip.schedule import DYNAMIC_STRATEGIES, PREFILL_MODES
+    from ulskip.schedule import STRATEGIES as STATIC
     if not isinstance(section, dict):
         raise ValueError(f"{where}: the 'ulskip' section must be an object with kept_layers, num_layers, "
                          f"prefill, strategy; got {type(section).__name__} {section!r}")
@@ -130,9 +131,9 @@ def check_section(section, num_layers: int, where: str) -> None:
                          "(the section was written for another model)")
     if section.get("prefill", "full") not in PREFILL_MODES:
         raise ValueError(f"{where}: ulskip.prefill={section.get('prefill')!r}; allowed: {', '.join(PREFILL_MODES)}")
-    if section.get("strategy", "paper") not in STRATEGIES + ("custom",):
-        raise ValueError(f"{where}: ulskip.strategy={section.get('strategy')!r}; allowed: "
-                         f"{', '.join(STRATEGIES + ('custom',))}")
+    known = STATIC + DYNAMIC_STRATEGIES + ("custom",)
+    if section.get("strategy", "paper") not in known:
+        raise ValueError(f"{where}: ulskip.strategy={section.get('strategy')!r}; allowed: {', '.join(known)}")
 
 
 def load_config(path: str) -> ModelConfig:

@@ -84,7 +84,7 @@ def beam_search(engine, logits, lengths, gen, history=None):
         if history is not None:
             history.reorder(running_rows.flatten())
             history.append(running[:, :, t].flatten())
-        logits = engine.decode(running[:, :, t].flatten(), positions)
+        logits = engine.decode(running[:, :, t].flatten(), positions, layers=engine.step_layers(t))
         positions += 1
 
     seqs = []

@@ -87,7 +87,7 @@ def _default_max_seq_len(cfg) -> int:
 
 class Engine:
     def __init__(self, model, kept_layers, prefill: str = "full", max_batch_size: int = 8,
-                 max_seq_len: int = 2048, tokenizer=None, cuda_graphs: bool = True):
+                 max_seq_len: int = 2048, tokenizer=None, cuda_graphs: bool = True, skipdecode=None):
         check_prefill(prefill)
         max_batch_size = integer("max_batch_size", max_batch_size, 1, what="a positive integer")
         max_seq_len = integer("max_seq_len", max_seq_len, 1, what="a positive integer")
@@ -102,6 +102,11 @@ class Engine:
                              f"{cfg.sliding_window}; sequences are limited to the window (not implemented past it)")
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.kept_layers = list(kept_layers)
+        # SkipDecode (ulskip.schedule.SkipDecode): response token j runs step_layers(j), a top slice of
+        # kept_layers (their union); None: every step runs kept_layers
+        self.skipdecode = skipdecode
+        if skipdecode is not None and (prefill != "full" or self.kept_layers != skipdecode.union):
+            raise ValueError("skipdecode needs prefill='full' and kept_layers equal to its union of layers")
         self.prefill_layers = list(range(cfg.num_layers)) if prefill == "full" else self.kept_layers
         self.prefill_mode, self.num_layers = prefill, cfg.num_layers
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
@@ -142,7 +147,7 @@ class Engine:
         model = build_model(cfg, plan.load_layers, CheckpointTensors(path), dtype, device, where=repr(path))
         max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
         return cls(model, plan.kept_layers, plan.prefill, max_batch_size, max_seq_len, load_tokenizer(path),
-                   cuda_graphs)
+                   cuda_graphs, plan.skipdecode)
 
     @classmethod
     def from_hf_model(cls, hf_model, target_speedup=None, schedule=None, prefill=None,
@@ -156,7 +161,8 @@ class Engine:
         model = build_model(cfg, plan.load_layers, StateDictTensors(hf_model.state_dict()), p.dtype, p.device,
                             where="the model's state dict")
         max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
-        return cls(model, plan.kept_layers, plan.prefill, max_batch_size, max_seq_len, tokenizer, cuda_graphs)
+        return cls(model, plan.kept_layers, plan.prefill, max_batch_size, max_seq_len, tokenizer, cuda_graphs,
+                   plan.skipdecode)
 
     @property
     def kv_cache_nbytes(self) -> int:
@@ -180,18 +186,25 @@ class Engine:
         step = Step(positions=positions, cache=self.cache, decode=False)
         return self.model(tokens, step, self.prefill_layers, last_index=lengths - 1)
 
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, graphs: bool = True) -> torch.Tensor:
-        """One decode step: tokens [B] at positions [B] (cache rows 0..B-1) through the kept layers ->
-        fp32 logits [B, V]. graphs=False runs it eagerly; otherwise (on a GPU) it replays the CUDA graph
-        of its batch bucket, and the result is the graph's static buffer: valid until the next step."""
-        if graphs and self.graphs is not None:
-            return self.graphs(tokens, positions)
-        return self._decode_eager(tokens, positions)
+    def step_layers(self, j: int) -> list[int]:
+        """The layers response token j (0 = the first generated token, the first decode step's input) runs."""
+        return self.kept_layers if self.skipdecode is None else self.skipdecode.layers(j)
 
-    def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, graphs: bool = True,
+               layers: list[int] | None = None) -> torch.Tensor:
+        """One decode step: tokens [B] at positions [B] (cache rows 0..B-1) through `layers` (default: the
+        kept layers; with SkipDecode pass step_layers(j)) -> fp32 logits [B, V]. graphs=False runs it
+        eagerly; otherwise (on a GPU) it replays the CUDA graph of its batch bucket (and layer set), and the
+        result is the graph's static buffer: valid until the next step."""
+        layers = tuple(self.kept_layers if layers is None else layers)
+        if graphs and self.graphs is not None:
+            return self.graphs(tokens, positions, layers)
+        return self._decode_eager(tokens, positions, layers)
+
+    def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor, layers) -> torch.Tensor:
         step = Step(positions=positions.unsqueeze(1), cache=self.cache, decode=True, seq_lens=positions + 1)
-        return self.model(tokens.unsqueeze(1), step, self.kept_layers)
+        return self.model(tokens.unsqueeze(1), step, list(layers))
 
     # ------------------------------------------------------------------ generation
     def _encode(self, prompts) -> list[list[int]]:
@@ -286,7 +299,7 @@ class Engine:
                 break
             if len(eos) and (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
                 break
-            logits = self.decode(nxt, positions)
+            logits = self.decode(nxt, positions, layers=self.step_layers(t))
             positions += 1
         return _cut_at_eos(out[:, :steps].tolist(), eos), scores
 

@@ -69,13 +69,16 @@ class DecodeGraphs:
         self.tokens = torch.zeros(max_batch_size, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch_size, dtype=torch.long, device=device)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, layers: tuple) -> torch.Tensor:
+        """One step of `layers` (a graph per batch bucket and layer set: one set for a static schedule)."""
         n = tokens.shape[0]
         b = _batch_bucket(self.sizes, n)
-        if b not in self.graphs:
+        key = (b, tuple(layers))
+        if key not in self.graphs:
             self.positions[:b].fill_(self.scratch_pos)  # the warm-up really runs: keep it off live entries
-            self.graphs[b] = _capture(self.decode_fn, (self.tokens[:b], self.positions[:b]), self.pool, self.device)
-        graph, logits = self.graphs[b]
+            self.graphs[key] = _capture(self.decode_fn, (self.tokens[:b], self.positions[:b], tuple(layers)),
+                                        self.pool, self.device)
+        graph, logits = self.graphs[key]
         # padding rows decode token 0 at position 0 (one key to read) into cache rows no sequence uses
         self.tokens[n:b].zero_()
         self.positions[n:b].zero_()

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ulskip.schedule import check_prefill, layer_speedup, uls_schedule, validate_schedule
+from ulskip.schedule import (DYNAMIC_STRATEGIES, SKIPDECODE_HORIZON, check_prefill, layer_speedup, skipdecode,
+                             uls_schedule, validate_schedule)
 from ulskip.train.patching import install_forward, model_type, patch_model
 
 
@@ -41,7 +42,8 @@ class _ULSContext:
         self.prefill = prefill
         self.active = False
         self.p_max = 0
-        self.keep = None          # [B, p_max, 1] bool: position t < prefix_len[b]
+        self.prefix_lengths = None  # [B]
+        self.keeps = {}           # J -> (P, [B, P, 1] bool: position t < prefix_len[b] + J), per forward
         self.seq_len = 0
         self.tuple_out = None     # whether the layers return (hidden, ...) tuples; learned from layer 0
 
@@ -63,12 +65,22 @@ class _ULSContext:
             pl = torch.full((batch,), seq_len, device=device, dtype=torch.long)
         pl = pl.clamp(1, seq_len)
         self.p_max = int(pl.max())
-        pos = torch.arange(self.p_max, device=device)
-        self.keep = (pos[None, :] < pl[:, None]).unsqueeze(-1)
+        self.prefix_lengths = pl
+        self.keeps = {}
+
+    def keep(self, response_tokens: int):
+        """(P, mask): a layer that runs on the prefix and the first `response_tokens` response tokens of each
+        row processes positions [0, P) and keeps its output where the mask is set."""
+        if response_tokens not in self.keeps:
+            P = min(self.seq_len, self.p_max + response_tokens)
+            pos = torch.arange(P, device=self.prefix_lengths.device)
+            mask = (pos[None, :] < (self.prefix_lengths + response_tokens)[:, None]).unsqueeze(-1)
+            self.keeps[response_tokens] = (P, mask)
+        return self.keeps[response_tokens]
 
     def end(self):
         self.active = False
-        self.keep = None
+        self.prefix_lengths, self.keeps = None, {}
 
 
 def _cut(name, v, T, P):
@@ -104,7 +116,9 @@ class _ULSLayerMixin:
         ctx: _ULSContext = self._ulskip_ctx
         if not ctx.active or hidden_states.shape[1] != ctx.seq_len:
             return super().__call__(hidden_states, *args, **kwargs)
-        if self._ulskip_kept:
+        # _ulskip_runs: None = every token runs this layer (a kept layer); J = the prefix and the first J
+        # response tokens run it (0 for a skipped layer; SkipDecode's lower layers: J > 0)
+        if self._ulskip_runs is None:
             out = super().__call__(hidden_states, *args, **kwargs)
             ctx.tuple_out = isinstance(out, tuple)
             return out
@@ -112,12 +126,13 @@ class _ULSLayerMixin:
             return (hidden_states, None) if ctx.tuple_out else hidden_states
         if args:
             raise ValueError("apply_uls expects the decoder layer's arguments after hidden_states by name")
-        T, P = hidden_states.shape[1], ctx.p_max
+        T = hidden_states.shape[1]
+        P, keep = ctx.keep(self._ulskip_runs)
         cut = {k: _cut(k, v, T, P) for k, v in kwargs.items()}
         h_in = hidden_states[:, :P]
         out = super().__call__(h_in, **cut)
         h_out = out[0] if isinstance(out, tuple) else out
-        h = torch.where(ctx.keep, h_out, h_in)
+        h = torch.where(keep, h_out, h_in)
         if P < T:
             h = torch.cat([h, hidden_states[:, P:]], dim=1)
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
@@ -136,11 +151,13 @@ def _uls_class(cls):
 
 
 def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str = "full", schedule=None,
-              fused_kernels: bool = False, layer_seed: int = 0, block_influence=None):
+              fused_kernels: bool = False, layer_seed: int = 0, block_influence=None,
+              skipdecode_horizon: int = SKIPDECODE_HORIZON):
     """Prepare `model` (a transformers Llama/Mistral/Qwen2/Bloom causal LM) for ULS fine-tuning, in place.
 
     The kept layers are `schedule` if given, else `uls_schedule(L, target_speedup, strategy)` (any layer
-    policy of ulskip.schedule; shortgpt takes block_influence, random layer_seed). Records
+    policy of ulskip.schedule; shortgpt takes block_influence, random layer_seed, skipdecode its depths'
+    horizon). Records
     {kept_layers, num_layers, target_speedup, strategy, prefill} in `model.config.ulskip`, so
     save_pretrained writes it into config.json (the engine's default schedule). With prefill="skip" the
     skipped layers never run, so their parameters are frozen (requires_grad=False; DDP needs every
@@ -149,6 +166,7 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
     check_prefill(prefill)
     layers = decoder_layers(model)
     L = len(layers)
+    dynamic = None
     if schedule is not None:
         kept = validate_schedule(L, schedule)
         if target_speedup is None:
@@ -157,12 +175,18 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
     else:
         if target_speedup is None:
             raise ValueError("apply_uls needs target_speedup (or an explicit schedule)")
-        kept = uls_schedule(L, target_speedup, strategy, seed=layer_seed, block_influence=block_influence)
+        if strategy in DYNAMIC_STRATEGIES:
+            if prefill != "full":
+                raise ValueError("skipdecode runs the prompt through all layers: prefill must be 'full'")
+            dynamic = skipdecode(L, target_speedup, skipdecode_horizon)
+            kept = dynamic.union
+        else:
+            kept = uls_schedule(L, target_speedup, strategy, seed=layer_seed, block_influence=block_influence)
     ctx = _ULSContext(kept, prefill)
     for i, layer in enumerate(layers):
         layer.__class__ = _uls_class(type(layer))
         layer._ulskip_ctx = ctx
-        layer._ulskip_kept = i in ctx.kept
+        layer._ulskip_runs = dynamic.response_tokens(i) if dynamic else (None if i in ctx.kept else 0)
         if prefill == "skip" and i not in ctx.kept:
             for p in layer.parameters():
                 p.requires_grad_(False)
@@ -171,6 +195,8 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
     model.config.ulskip = {"kept_layers": list(kept), "num_layers": L,
                            "target_speedup": float(target_speedup), "strategy": strategy,
                            "prefill": prefill}
+    if dynamic is not None:
+        model.config.ulskip["skipdecode"] = dynamic.as_dict()
     if fused_kernels:
         patch_model(model)
     return model
