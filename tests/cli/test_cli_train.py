@@ -147,7 +147,7 @@ def test_bad_data_errors(ckpt, tmp_path, capsys):
     assert run(str(broken)) == 2
     assert f"{broken}, line 2: not valid JSON" in _err(capsys)
     assert run(str(bad), "--streaming") == 2
-    assert "--max_steps" in _err(capsys)
+    assert "--max-steps" in _err(capsys)
 
 
 @pytest.mark.gpu

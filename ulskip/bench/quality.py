@@ -31,7 +31,8 @@ STEPS = {
 for _s in (2, 3, 5, 10):
     STEPS[f"uls{_s}-full"] = ("paper", _s, "full", True)
     STEPS[f"uls{_s}-skip"] = ("paper", _s, "skip", True)
-    for _name, _strategy in (("ee", "early-exit"), ("sg", "shortgpt"), ("rnd", "random"), ("even", "even")):
+    for _name, _strategy in (("ee", "early-exit"), ("sg", "shortgpt"), ("rnd", "random"), ("even", "even"),
+                             ("sd", "skipdecode")):
         STEPS[f"{_name}{_s}"] = (_strategy, _s, "full", True)
 
 
@@ -80,9 +81,11 @@ def run_step(name, model, data, out, train_args, eval_args, calibration):
     if trained:
         ckpt = os.path.join(d, "ckpt")
         if not os.path.isfile(os.path.join(ckpt, "config.json")):
+            # a run stopped by a time limit left a folder without the final model: train it again from scratch
+            again = ["--overwrite-output-dir"] if os.path.isdir(ckpt) and os.listdir(ckpt) else []
             train_s = _run(cli + ["train", "--model-name-or-path", model, "--train-file",
                                   os.path.join(data, "train.jsonl"), "--output-dir", ckpt, "--target-speedup",
-                                  str(speedup), "--prefill", prefill, *policy, *train_args], log)
+                                  str(speedup), "--prefill", prefill, *policy, *train_args, *again], log)
         schedule = []  # the checkpoint's own ulskip section
     else:
         schedule = ["--target-speedup", str(speedup), "--prefill", prefill, *policy]

@@ -11,11 +11,13 @@ is allocated.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
 from ulskip.bench.models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, SHAPES, num_layers, resolve_model
 from ulskip.bench.report import SYSTEMS, derive, format_table, write_json, write_plot
+from ulskip.cli import SEED_MAX, check_device, check_output_file, describe
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 GPU_DEFAULT_BATCHES, CPU_DEFAULT_BATCHES = "1,16,64", "1,4"
@@ -28,35 +30,50 @@ class BenchError(ValueError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"named shape ({', '.join(SHAPES)}) with random weights, or a local checkpoint "
-                        f"folder; default {GPU_DEFAULT_MODEL} with a GPU, {CPU_DEFAULT_MODEL} without")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--target-speedups", default="1,2,4", help="comma list of ULS target speedups")
-    p.add_argument("--strategy", default="paper", choices=("paper", "even"), help="layer selection rule")
+                        f"folder (default: {GPU_DEFAULT_MODEL} with a GPU, {CPU_DEFAULT_MODEL} without)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--target-speedups", default="1,2,4",
+                   help="comma list of ULS target speedups (default: %(default)s)")
+    p.add_argument("--strategy", default="paper", choices=("paper", "even"),
+                   help="layer selection rule (default: %(default)s)")
     p.add_argument("--batch-sizes", default=None,
-                   help=f"comma list (default {GPU_DEFAULT_BATCHES} on GPU, {CPU_DEFAULT_BATCHES} on CPU)")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
-    p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per sequence")
-    p.add_argument("--prefill", default="full", choices=("full", "skip"), help="ulskip prefill mode")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list from {', '.join(SYSTEMS)}")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up generates per row (not timed)")
+                   help=f"comma list of integers >= 1 (default: {GPU_DEFAULT_BATCHES} on GPU, "
+                        f"{CPU_DEFAULT_BATCHES} on CPU)")
+    p.add_argument("--prompt-len", type=int, default=128,
+                   help="prompt tokens per sequence, >= 1 (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=128,
+                   help="generated tokens per sequence, >= 1 (default: %(default)s)")
+    p.add_argument("--prefill", default="full", choices=("full", "skip"),
+                   help="ulskip prefill mode (default: %(default)s)")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma list from {', '.join(SYSTEMS)} (default: all)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="warm-up generates per row (not timed), >= 0 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed generates per row, median reported (default 2 on GPU, 1 on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
-    p.add_argument("--json", metavar="PATH", help="write all rows and the run's metadata as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG: tokens/s and %% of roofline vs batch size")
+                   help="timed generates per row, median reported, >= 1 (default: 2 on GPU, 1 on CPU)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for weights and prompts, in [0, 2**63-1] (default: %(default)s)")
+    p.add_argument("--json", metavar="PATH",
+                   help="file to write all rows and the run's metadata to as JSON, rewritten after each row "
+                        "(default: none)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="file to write the plot to, tokens/s and %% of roofline vs batch size: PNG (.pdf or .svg "
+                        "by its extension) (default: none)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
-                   help="do not run: combine earlier --json files into one table/--json/--plot")
+                   help="do not run: combine earlier --json files into one table/--json/--plot (default: run)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU only: torch intra-op threads for the run (default 1 for the tiny-* shapes, "
+                   help="CPU only: torch intra-op threads for the run, >= 1 (default: 1 for the tiny-* shapes, "
                         "which gain nothing from more and slow down badly on a busy machine; torch's "
                         "setting otherwise)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (default: off, show it)")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Input checks (before anything is allocated)
 # ----------------------------------------------------------------------------------------------------
+
+PLOT_EXTENSIONS = ("", ".png", ".pdf", ".svg")
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -65,9 +82,9 @@ def _int_list(text: str, what: str) -> list[int]:
         try:
             v = int(tok)
         except ValueError:
-            raise BenchError(f"{what}: {tok.strip()!r} is not an integer (expected a comma list like 1,16,64)")
+            raise BenchError(f"{what} must be a comma list of integers like 1,16,64, got {tok.strip()!r}")
         if v <= 0:
-            raise BenchError(f"{what}: batch size must be a positive integer, got {v}")
+            raise BenchError(f"{what} must be integers >= 1, got {v}")
         out.append(v)
     return list(dict.fromkeys(out))
 
@@ -78,9 +95,27 @@ def _float_list(text: str, what: str) -> list[float]:
         try:
             v = float(tok)
         except ValueError:
-            raise BenchError(f"{what}: {tok.strip()!r} is not a number (expected a comma list like 1,2,4)")
+            raise BenchError(f"{what} must be a comma list of numbers like 1,2,4, got {tok.strip()!r}")
         out.append(v)
     return list(dict.fromkeys(out))
+
+
+def _check_outputs(args) -> None:
+    """--json / --plot: file paths in existing, writable folders, not folders themselves, not the same file;
+    the plot's format known up front (what is printed is what is written)."""
+    try:
+        check_output_file("--json", args.json)
+        check_output_file("--plot", args.plot)
+    except (ValueError, OSError) as e:
+        raise BenchError(str(e))
+    if args.json and args.plot and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        raise BenchError(f"--json and --plot name the same file {args.json!r}; give two paths")
+    if args.plot:
+        ext = os.path.splitext(args.plot)[1].lower()
+        if ext not in PLOT_EXTENSIONS:
+            raise BenchError(f"--plot must end in .png, .pdf or .svg (or have no extension: PNG), got {args.plot!r}")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise BenchError("--plot needs matplotlib: pip install matplotlib")
 
 
 def resolve_args(args) -> dict:
@@ -88,21 +123,18 @@ def resolve_args(args) -> dict:
     import torch
     from ulskip.schedule import uls_schedule
 
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(dev)
-    except RuntimeError as e:
-        raise BenchError(f"--device {dev!r}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {dev!r}: CUDA is not available on this machine (use --device cpu)")
-    if device.type not in ("cuda", "cpu"):
-        raise BenchError(f"--device {dev!r}: only cuda and cpu are supported")
+        dev = check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    except ValueError as e:
+        raise BenchError(str(e))
+    device = torch.device(dev)
     gpu = device.type == "cuda"
     model = args.model or (GPU_DEFAULT_MODEL if gpu else CPU_DEFAULT_MODEL)
     try:
         cfg, max_pos, desc = resolve_model(model)
-    except ValueError as e:
-        raise BenchError(str(e))
+    except (ValueError, OSError) as e:   # a folder's config.json that transformers cannot read: OSError
+        msg = describe(e)
+        raise BenchError(msg if msg.startswith("--model") else f"--model {model!r}: {msg}")
     L = num_layers(cfg)
 
     speedups = _float_list(args.target_speedups, "--target-speedups")
@@ -124,17 +156,19 @@ def resolve_args(args) -> dict:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or not systems:
-        raise BenchError(f"--systems: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(SYSTEMS)}")
+        raise BenchError(f"--systems must be a comma list from {', '.join(SYSTEMS)}, got unknown "
+                         f"{', '.join(bad) or '(empty)'}")
     repeats = args.repeats if args.repeats is not None else (2 if gpu else 1)
-    if repeats < 1 or args.warmup < 0:
-        raise BenchError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {args.warmup}")
+    if repeats < 1:
+        raise BenchError(f"--repeats must be >= 1, got {repeats}")
+    if args.warmup < 0:
+        raise BenchError(f"--warmup must be >= 0, got {args.warmup}")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise BenchError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if gpu else "fp32")])
     if args.threads is not None and args.threads < 1:
         raise BenchError(f"--threads must be >= 1, got {args.threads}")
-    for opt in ("json", "plot"):
-        path = getattr(args, opt)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise BenchError(f"--{opt} {path!r}: folder {os.path.dirname(os.path.abspath(path))!r} does not exist")
+    _check_outputs(args)
     return dict(device=device, model=model, config=cfg, max_positions=max_pos, description=desc,
                 num_layers=L, speedups=speedups, kept=kept, batches=batches, systems=systems,
                 repeats=repeats, dtype=dtype, gpu=gpu)
@@ -153,28 +187,44 @@ def _command(args, r) -> str:
     return " ".join(parts)
 
 
+def _write_plot(path, rows, meta) -> None:
+    """The plot at exactly `path`: matplotlib picks the format by the extension and would append .png to a
+    name without one, so draw into a temporary sibling with an explicit extension, then rename."""
+    ext = os.path.splitext(path)[1].lower() or ".png"
+    tmp = f"{path}.tmp-{os.getpid()}{ext}"
+    try:
+        write_plot(tmp, rows, meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _emit(args, rows, meta) -> None:
     print(format_table(rows, meta))
     if args.json:
         write_json(args.json, rows, meta)
         print(f"wrote {args.json}")
     if args.plot:
-        write_plot(args.plot, rows, meta)
+        _write_plot(args.plot, rows, meta)
         print(f"wrote {args.plot}")
 
 
+def _fail(e) -> int:
+    print(f"ulskip bench: {describe(e)}", file=sys.stderr)
+    return 2
+
+
 def _merge(args) -> int:
-    for opt in ("json", "plot"):
-        path = getattr(args, opt)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            print(f"ulskip bench: error: --{opt} {path!r}: folder does not exist", file=sys.stderr)
-            return 2
+    try:
+        _check_outputs(args)
+    except BenchError as e:
+        return _fail(e)
     from ulskip.bench.report import merge
     try:
         rows, meta = merge(args.merge, note=lambda m: print(f"ulskip bench: note: {m}", file=sys.stderr))
     except ValueError as e:
-        print(f"ulskip bench: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     _emit(args, rows, meta)
     return 0
 
@@ -185,8 +235,7 @@ def run(args) -> int:
     try:
         r = resolve_args(args)
     except BenchError as e:
-        print(f"ulskip bench: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     threads = torch_threads = None
     want = args.threads or (1 if r["model"].startswith("tiny-") else None)
     if want and not r["gpu"]:

@@ -3,36 +3,46 @@ import json
 import os
 import sys
 
+from ulskip.cli import check_checkpoint, check_device, check_min, check_output_file, data_files
+
 
 def add_arguments(p):
-    p.add_argument("model", help="local Hugging Face checkpoint folder")
-    p.add_argument("--data", required=True, help="json/jsonl file(s) of {prefix, text} records (glob, comma-separated)")
-    p.add_argument("--out", required=True, help="JSON file to write (refused if it exists, unless --overwrite)")
-    p.add_argument("--num-records", type=int, default=256, help="records to score (default 256)")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per record, cut after (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="records per forward (default 8)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    p.add_argument("model", help="local Hugging Face checkpoint folder, with its tokenizer (required)")
+    p.add_argument("--data", required=True,
+                   help="json/jsonl file(s) of {prefix, text} records (glob, comma-separated) (required, no default)")
+    p.add_argument("--out", required=True,
+                   help="JSON file to write; refused if it exists, unless --overwrite (required, no default)")
+    p.add_argument("--num-records", type=int, default=256, help="records to score, >= 1 (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="tokens per record, cut after, >= 1 (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="records per forward, >= 1 (default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off, refuse)")
 
 
 def run(args) -> int:
-    from ulskip.calibration import calibrate
-    from ulskip.train.data import DataError, resolve_files
+    check_output_file("--out", args.out, overwrite=args.overwrite)
+    for flag in ("--num-records", "--max-tokens", "--batch-size"):
+        check_min(flag, getattr(args, flag[2:].replace("-", "_")), 1)
+    check_device(args.device)
+    check_checkpoint(args.model, needs_tokenizer="calibration")
+    files = data_files(args.data)
+    from safetensors import SafetensorError
 
-    if os.path.exists(args.out) and not args.overwrite:
-        raise SystemExit(f"ulskip calibrate: --out {args.out!r} exists; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise SystemExit(f"ulskip calibrate: --out {args.out!r}: folder {folder!r} does not exist")
+    from ulskip.calibration import calibrate
     try:
-        result = calibrate(args.model, resolve_files(args.data), args.num_records, args.max_tokens, args.device,
-                           args.batch_size)
-    except (DataError, ValueError, OSError) as e:
-        raise SystemExit(f"ulskip calibrate: {e}")
+        result = calibrate(args.model, files, args.num_records, args.max_tokens, args.device, args.batch_size)
+    except SafetensorError as e:  # transformers passes a truncated or corrupt weight file's error through
+        raise ValueError(f"checkpoint folder {args.model!r}: a weight file is unreadable (truncated or corrupt?): "
+                         f"{e}") from e
     tmp = f"{args.out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)  # a complete file or none
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.out)  # a complete file or none
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     bi = result["block_influence"]
     order = sorted(range(len(bi)), key=lambda i: bi[i])
     print(f"wrote {args.out}: Block Influence of {len(bi)} layers on {result['records']} records "

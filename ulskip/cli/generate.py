@@ -1,63 +1,120 @@
 """`ulskip generate PATH --target-speedup 2 --prompt "..."`: generation with layer skipping."""
 import json
+import os
 import sys
 import time
 
-from ulskip.schedule import STRATEGIES
+from ulskip.cli import check_checkpoint, check_choice, check_device, check_finite, check_min, check_seed, require
+from ulskip.schedule import DYNAMIC_STRATEGIES, STRATEGIES
 
 
 def add_arguments(p):
-    p.add_argument("model", help="local Hugging Face checkpoint folder")
-    p.add_argument("--prompt", action="append", help="prompt text (repeatable); needs a tokenizer in the folder")
-    p.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
+    p.add_argument("model", help="local Hugging Face checkpoint folder (required)")
+    p.add_argument("--prompt", action="append",
+                   help="prompt text (repeatable); needs a tokenizer in the folder (default: none; give at least "
+                        "one --prompt or --prompt-ids)")
+    p.add_argument("--prompt-ids", action="append",
+                   help="comma-separated token ids >= 0, e.g. 1,450,7483 (repeatable; default: none)")
     p.add_argument("--target-speedup", type=float, default=None,
                    help="target speedup s (default: the checkpoint's ulskip section, else all layers)")
-    p.add_argument("--strategy", default="paper", choices=STRATEGIES,
-                   help="layer policy for --target-speedup (default paper: the ULS rule)")
-    p.add_argument("--calibration", default=None, help="--strategy shortgpt: the scores file of `ulskip calibrate`")
-    p.add_argument("--layer-seed", type=int, default=0, help="--strategy random: seed of the drawn layers (default 0)")
-    p.add_argument("--prefill", default=None, choices=("full", "skip"))
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: checkpoint dtype on GPU, fp32 on CPU)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-eos", action="store_true", help="ignore the tokenizer's EOS token")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--strategy", default="paper", choices=STRATEGIES + DYNAMIC_STRATEGIES,
+                   help="layer policy for --target-speedup (default %(default)s: the ULS rule)")
+    p.add_argument("--calibration", default=None,
+                   help="--strategy shortgpt: the scores file of `ulskip calibrate` (default: none)")
+    p.add_argument("--layer-seed", type=int, default=0,
+                   help="--strategy random: seed of the drawn layers, in [0, 2**63-1] (default %(default)s)")
+    p.add_argument("--prefill", default=None, choices=("full", "skip"),
+                   help="prompt pass through all layers (full) or the kept ones (skip) (default: the "
+                        "checkpoint's, else full)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate per prompt, >= 1 (default %(default)s)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (default: off)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature, > 0 with --do-sample (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens, >= 0 (default %(default)s: off)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens of probability >= p, in (0, 1] "
+                        "(default %(default)s: off)")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with N beams, >= 1 (default %(default)s: no beam search)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed in [0, 2**63-1] (default: none, torch's global generator)")
+    p.add_argument("--dtype", default=None,
+                   help="fp32, fp16 or bf16 (also float32, float16, half, bfloat16) (default: the checkpoint's "
+                        "dtype on a GPU, fp32 on the CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--no-eos", action="store_true",
+                   help="ignore the tokenizer's EOS token (default: off, stop at EOS)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: off)")
+
+
+def _prompt_ids(texts) -> list[list[int]]:
+    out = []
+    for s in texts or []:
+        ids = []
+        for tok in s.split(","):
+            try:
+                v = int(tok)
+            except ValueError:
+                v = None
+            if v is None or v < 0:
+                raise ValueError(f"--prompt-ids must be comma-separated integers >= 0, got {s!r}")
+            ids.append(v)
+        out.append(ids)
+    return out
+
+
+def check_args(args) -> list:
+    """Every flag, before anything is loaded. Returns the prompts."""
+    prompts = list(args.prompt or []) + _prompt_ids(args.prompt_ids)
+    if not prompts:
+        raise ValueError("give at least one --prompt or --prompt-ids")
+    check_seed("--layer-seed", args.layer_seed)
+    if args.strategy == "shortgpt" and args.target_speedup is not None and not args.calibration:
+        raise ValueError("--strategy shortgpt needs block_influence scores: pass --calibration FILE (written by "
+                         "`ulskip calibrate`)")
+    check_min("--max-new-tokens", args.max_new_tokens, 1)
+    check_min("--num-beams", args.num_beams, 1)
+    check_min("--top-k", args.top_k, 0, ">= 0 (0 = off)")
+    require(0 < args.top_p <= 1, "--top-p", "in (0, 1]", args.top_p)
+    if args.do_sample:
+        check_finite("--temperature", args.temperature, "a finite number > 0 with --do-sample")
+        require(args.temperature > 0, "--temperature", "> 0 with --do-sample", args.temperature)
+        require(args.num_beams == 1, "--num-beams", "1 with --do-sample (beam search does not sample)",
+                args.num_beams)
+    check_seed("--seed", args.seed)
+    from ulskip.runtime.engine import DTYPES
+    check_choice("--dtype", args.dtype, list(DTYPES))
+    check_device(args.device)
+    check_checkpoint(args.model)
+    if args.prompt:
+        from ulskip.loading.tokenizer import TOKENIZER_FILES
+        if not any(os.path.isfile(os.path.join(args.model, f)) for f in TOKENIZER_FILES):
+            raise ValueError(f"--prompt: string prompts need a tokenizer, and checkpoint folder {args.model!r} holds "
+                             f"none ({', '.join(TOKENIZER_FILES)}); give --prompt-ids instead")
+    return prompts
 
 
 def run(args) -> int:
+    prompts = check_args(args)
     from ulskip import Engine
-    prompts = list(args.prompt or [])
-    try:
-        prompts += [[int(t) for t in s.split(",")] for s in (args.prompt_ids or [])]
-    except ValueError:
-        raise SystemExit(f"ulskip generate: --prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
-    if not prompts:
-        raise SystemExit("ulskip generate: give at least one --prompt or --prompt-ids")
-    try:
-        bi = None
-        if args.calibration:
-            from ulskip.calibration import read_block_influence
-            bi = read_block_influence(args.calibration)
-        eng = Engine.from_pretrained(args.model, target_speedup=args.target_speedup, prefill=args.prefill,
-                                     dtype=args.dtype, device=args.device, strategy=args.strategy,
-                                     max_batch_size=len(prompts) * args.num_beams, layer_seed=args.layer_seed,
-                                     block_influence=bi)
-        eos = None
-        if eng.tokenizer is not None and not args.no_eos:
-            eos = eng.tokenizer.eos_token_id
-        t0 = time.perf_counter()
-        out = eng.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           num_beams=args.num_beams, eos_token_id=eos, seed=args.seed)
-        secs = time.perf_counter() - t0
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"ulskip generate: {e}")
+    bi = None
+    if args.calibration:
+        from ulskip.calibration import read_block_influence
+        bi = read_block_influence(args.calibration)
+    eng = Engine.from_pretrained(args.model, target_speedup=args.target_speedup, prefill=args.prefill,
+                                 dtype=args.dtype, device=args.device, strategy=args.strategy,
+                                 max_batch_size=len(prompts) * args.num_beams, layer_seed=args.layer_seed,
+                                 block_influence=bi)
+    eos = None
+    if eng.tokenizer is not None and not args.no_eos:
+        eos = eng.tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    out = eng.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       num_beams=args.num_beams, eos_token_id=eos, seed=args.seed)
+    secs = time.perf_counter() - t0
     n = sum(len(s) for s in out.sequences)
     if args.json:
         json.dump({"kept_layers": eng.kept_layers, "prefill": eng.prefill_mode, "sequences": out.sequences,

@@ -7,13 +7,22 @@
 
 Every flag also takes its underscore spelling (--target_speedup, --model_name_or_path, ...): the
 paper's and transformers' commands run as they are.
+
+The output folder: a non-empty --output-dir is refused unless --overwrite-output-dir (the previous run's
+model files and checkpoint-* folders are removed once the data, model and Trainer are built, before the
+first step) or --resume-from-checkpoint (latest: the newest complete checkpoint-N). Checkpoints are written
+atomically; the model is written last, only after training succeeded and its weights were checked finite,
+so a failed or diverged run leaves no servable model (ulskip/train/safety.py).
+
+Errors: every expected one (a bad flag value, file, folder or record; a diverged run) is one line
+`ulskip train: <message>` on stderr and exit code 2; --debug raises it with its traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ulskip.schedule import STRATEGIES
+from ulskip.schedule import DYNAMIC_STRATEGIES, STRATEGIES
 
 
 def flag(p, name: str, **kwargs):
@@ -33,66 +42,122 @@ def _bool(v: str) -> bool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    flag(p, "model_name_or_path", required=True, help="local checkpoint folder (model + tokenizer)")
+    # --debug (raise with the traceback instead of the one-line message) is added to every subcommand by
+    # ulskip.cli (add_debug_flag); run() reads it as args.debug.
+    flag(p, "model_name_or_path", required=True,
+         help="local checkpoint folder with config.json, weights and a tokenizer (required; nothing is "
+              "downloaded)")
     flag(p, "train_file", required=True,
-         help="glob of .json/.jsonl files with 'prefix' and 'text' fields (comma-separate several)")
-    flag(p, "output_dir", required=True)
-    flag(p, "target_speedup", type=float, default=2.0)
-    flag(p, "strategy", default="paper", choices=STRATEGIES,
-         help="layer policy (default paper: the ULS rule; baselines: even, early-exit, shortgpt, random)")
-    flag(p, "calibration", default=None, help="--strategy shortgpt: the scores file of `ulskip calibrate`")
-    flag(p, "layer_seed", type=int, default=0, help="--strategy random: the seed of the drawn layers (default 0)")
-    flag(p, "prefill", default="full", choices=["full", "skip"])
+         help="glob of .json/.jsonl files with 'prefix' and 'text' fields (comma-separate several; required)")
+    flag(p, "output_dir", required=True,
+         help="folder of the checkpoints and, after a successful run, the model (required; must be empty or "
+              "missing unless --overwrite-output-dir or --resume-from-checkpoint)")
+    flag(p, "overwrite_output_dir", action="store_true",
+         help="remove a previous run's model files and checkpoint-* folders from --output-dir before training "
+              "(other files stay; default: a non-empty --output-dir is refused)")
+    flag(p, "target_speedup", type=float, default=2.0, help="target layer speedup s: keep floor(L / s) layers "
+         "(default %(default)s)")
+    flag(p, "strategy", default="paper", choices=STRATEGIES + DYNAMIC_STRATEGIES,
+         help="layer policy (default %(default)s: the ULS rule; baselines: even, early-exit, shortgpt, random, "
+              "skipdecode)")
+    flag(p, "calibration", default=None,
+         help="--strategy shortgpt: the scores file of `ulskip calibrate` (default: none)")
+    flag(p, "layer_seed", type=int, default=0,
+         help="--strategy random: the seed of the drawn layers (default %(default)s)")
+    flag(p, "prefill", default="full", choices=["full", "skip"],
+         help="full: the prefix runs through all layers; skip: through the kept layers too "
+              "(default %(default)s)")
     flag(p, "freeze_emb", type=_bool, default=True, nargs="?", const=True,
-         help="freeze the word embeddings (with tied embeddings: the LM head too); default true")
-    flag(p, "block_size", type=int, default=1024, help="longest allowed record in tokens")
-    flag(p, "per_device_train_batch_size", type=int, default=1)
-    flag(p, "gradient_accumulation_steps", type=int, default=1)
-    flag(p, "learning_rate", type=float, default=2e-5)
-    flag(p, "num_train_epochs", type=float, default=3.0)
-    flag(p, "max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
-    flag(p, "lr_scheduler_type", default="cosine")
-    flag(p, "warmup_ratio", type=float, default=0.03)
-    flag(p, "weight_decay", type=float, default=0.0)
+         help="freeze the word embeddings (with tied embeddings: the LM head too) (default %(default)s)")
+    flag(p, "block_size", type=int, default=1024,
+         help="longest allowed record in tokens (default %(default)s)")
+    flag(p, "per_device_train_batch_size", type=int, default=1, help="records per batch and device "
+         "(default %(default)s)")
+    flag(p, "gradient_accumulation_steps", type=int, default=1,
+         help="batches per optimizer step (default %(default)s)")
+    flag(p, "learning_rate", type=float, default=2e-5, help="peak learning rate, > 0 (default %(default)s)")
+    flag(p, "num_train_epochs", type=float, default=3.0,
+         help="passes over the data, > 0 (default %(default)s)")
+    flag(p, "max_steps", type=int, default=-1,
+         help="optimizer steps; overrides --num-train-epochs when >= 1 (default %(default)s: use the epochs)")
+    flag(p, "lr_scheduler_type", default="cosine",
+         help="transformers' learning-rate schedule: linear, cosine, constant, ... (default %(default)s)")
+    flag(p, "warmup_ratio", type=float, default=0.03,
+         help="share of the steps spent warming up, in [0, 1) (default %(default)s)")
+    flag(p, "weight_decay", type=float, default=0.0, help="AdamW weight decay, >= 0 (default %(default)s)")
     prec = p.add_mutually_exclusive_group()
-    flag(prec, "bf16", action="store_true", help="bf16 mixed precision")
-    flag(prec, "fp16", action="store_true", help="fp16 mixed precision")
+    flag(prec, "bf16", action="store_true", help="bf16 mixed precision (default: off)")
+    flag(prec, "fp16", action="store_true", help="fp16 mixed precision with loss scaling (default: off)")
     flag(p, "torch_dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
-         help="dtype the weights are loaded in (float32 master weights by default)")
-    flag(p, "deepspeed", default=None, help="DeepSpeed config json (needs `pip install deepspeed`)")
-    flag(p, "save_steps", type=int, default=500)
-    flag(p, "save_total_limit", type=int, default=None)
-    flag(p, "logging_steps", type=int, default=10)
-    flag(p, "seed", type=int, default=42)
+         help="dtype the weights are loaded and trained in (default %(default)s: float32 master weights)")
+    flag(p, "deepspeed", default=None, help="DeepSpeed config json (needs `pip install deepspeed`; default: none)")
+    flag(p, "save_steps", type=int, default=500,
+         help="write a checkpoint-N every this many steps, >= 1 (default %(default)s)")
+    flag(p, "save_total_limit", type=int, default=None,
+         help="keep at most this many checkpoint-* folders, >= 1 (default: keep all)")
+    flag(p, "logging_steps", type=int, default=10, help="log the loss every this many steps, >= 1 "
+         "(default %(default)s)")
+    flag(p, "seed", type=int, default=42, help="seed of the data order and initialisation (default %(default)s)")
     flag(p, "streaming", action="store_true",
-         help="read the data lazily (needs --max_steps); bad records raise when reached")
+         help="read the data lazily (needs --max-steps); bad records raise when reached (default: off)")
     flag(p, "resume_from_checkpoint", default=None,
-         help="a checkpoint folder, or 'latest' for the newest checkpoint-* in --output_dir")
+         help="a checkpoint folder, or 'latest' for the newest complete checkpoint-* in --output-dir "
+              "(default: none, start from --model-name-or-path)")
     flag(p, "use_fused_kernels", type=_bool, default=False, nargs="?", const=True,
-         help="Triton norms/activations and the chunked fused linear cross-entropy")
-    flag(p, "gradient_checkpointing", action="store_true")
-    flag(p, "dataloader_num_workers", type=int, default=0)
+         help="Triton norms/activations and the chunked fused linear cross-entropy (default %(default)s)")
+    flag(p, "gradient_checkpointing", action="store_true",
+         help="recompute activations in backward to save memory (default: off)")
+    flag(p, "dataloader_num_workers", type=int, default=0,
+         help="data loading processes, >= 0 (default %(default)s: the main process)")
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
 
 
 def run(args) -> int:
+    """Every expected error is one line `ulskip train: <message>` on stderr and exit code 2 (--debug:
+    the exception with its traceback). Order: flags, model folder, output folder and resume checkpoint
+    (nothing read or written yet); data, model and Trainer (still nothing written); then the output folder
+    is prepared (--overwrite-output-dir), training runs, and the model is saved last."""
+    from ulskip.train import safety
+    from ulskip.train import trainer as T
     from ulskip.train.data import DataError
-    from ulskip.train.trainer import build_trainer, resume_path
 
+    trainer = None
     try:
-        trainer, model, tokenizer = build_trainer(args)
-        resume = resume_path(args)
-    except (DataError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"ulskip train: error: {e}", file=sys.stderr)
+        T.check_args(args)
+        safety.check_model_folder(args.model_name_or_path)
+        safety.check_output_dir(args)
+        resume = T.resume_path(args)
+        try:
+            trainer, model, tokenizer = T.build_trainer(args)
+        except (safety.TrainError, DataError):
+            raise
+        except (ValueError, OSError) as e:  # the schedule's checks, unreadable model/tokenizer files
+            raise safety.TrainError(_one_line(e)) from e
+        if resume is not None:
+            safety.check_resume_schedule(resume, model.config.ulskip)
+        T.prepare_output_dir(trainer, args)
+        T.train(trainer, resume)
+        T.save_final(trainer, tokenizer, args.output_dir)
+    except (safety.TrainError, DataError) as e:
+        if trainer is not None:
+            T.close_progress_bars(trainer)
+        if getattr(args, "debug", False):
+            raise
+        print(f"ulskip train: {_one_line(e)}", file=sys.stderr)
         return 2
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except DataError as e:  # streaming: a bad record found mid-run
-        print(f"ulskip train: error: {e}", file=sys.stderr)
-        return 2
-    trainer.save_model(args.output_dir)
+    except KeyboardInterrupt:
+        if trainer is not None:
+            T.close_progress_bars(trainer)
+        if getattr(args, "debug", False):
+            raise
+        step = f" at step {trainer.state.global_step}" if trainer is not None else ""
+        print(f"ulskip train: interrupted{step}; no model was written (--resume-from-checkpoint latest continues "
+              "from the newest complete checkpoint)", file=sys.stderr)
+        return 130
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.output_dir)
         print(f"ulskip train: saved to {args.output_dir} (kept layers {model.config.ulskip['kept_layers']}, "
               f"prefill {model.config.ulskip['prefill']})")
     return 0
-

@@ -4,6 +4,11 @@ model (frozen embeddings, ULS, fused kernels) and transformers' Trainer.
 Built on transformers' Trainer (progress bar, logged loss, checkpoints every --save-steps, resume).
 The output folder holds the model, the tokenizer and config.json with an `ulskip` section (kept layers,
 target speedup, strategy, prefill) that `ulskip.Engine.from_pretrained` uses as its default schedule.
+
+The guards (checks and file handling in ulskip/train/safety.py): `trainer_class()` stops on a non-finite
+loss at every step and writes each checkpoint-N atomically; `safety_callback()` stops on a non-finite
+logged gradient norm; `check_weights` runs before every save (finite weights, finite loss on a training
+record); `save_final` writes the top-level model last and atomically.
 """
 from __future__ import annotations
 
@@ -39,20 +44,9 @@ def training_args(args):
 
 
 def check_args(args):
-    for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.streaming and args.max_steps <= 0:
-        raise ValueError("--streaming reads the data lazily, so the length of an epoch is unknown: give --max_steps")
-    if not 0 <= args.warmup_ratio < 1:
-        raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.deepspeed:
-        if not os.path.isfile(args.deepspeed):
-            raise ValueError(f"--deepspeed config {args.deepspeed!r} does not exist")
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise ValueError("--deepspeed needs the optional package deepspeed (pip install deepspeed)") from None
+    """The flag values (ulskip/train/safety.py: every number the Trainer would choke on, zero-step runs)."""
+    from ulskip.train.safety import check_args as check
+    check(args)
 
 
 def zero_stage(path) -> int:
@@ -72,33 +66,31 @@ def fused_patch_kwargs(args) -> dict:
 
 
 def resume_path(args):
-    r = args.resume_from_checkpoint
-    if r is None:
-        return None
-    if r in ("latest", "auto", "true", "True"):
-        from transformers.trainer_utils import get_last_checkpoint
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if last is None:
-            raise ValueError(f"--resume_from_checkpoint {r}: no checkpoint-* folder in {args.output_dir}")
-        return last
-    if not os.path.isdir(r):
-        raise ValueError(f"--resume_from_checkpoint {r!r} is not a folder")
-    return r
+    """The checkpoint to resume from: --resume-from-checkpoint checked complete, or for 'latest' the newest
+    complete checkpoint-N of --output-dir (partial newer ones skipped with a warning); None without it."""
+    from ulskip.train.safety import resolve_resume
+    return resolve_resume(args)
 
 
 def build_trainer(args):
-    """Tokenizer, data, model (frozen embeddings, ULS, fused kernels) and Trainer, from parsed args."""
+    """Tokenizer, data, model (frozen embeddings, ULS, fused kernels) and Trainer, from parsed args.
+    Writes nothing (the Trainer creates the output folder if missing, empty): the folder's contents are
+    touched only by `prepare_output_dir`, after this succeeded."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from ulskip.calibration import read_block_influence
     from ulskip.train.apply_uls import apply_uls
     from ulskip.train.data import StreamingULSDataset, ULSCollator, ULSDataset, resolve_files
+    from ulskip.train.safety import TrainError, check_model_folder, uses_loss_scaling
 
     check_args(args)
+    check_model_folder(args.model_name_or_path)
     set_seed(args.seed)
     files = resolve_files(args.train_file)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    bi = read_block_influence(args.calibration) if args.strategy == "shortgpt" else None
+    # local_files_only: the tool is offline; a folder is never mistaken for a Hub repo id
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, local_files_only=True)
     if args.streaming:
         dataset = StreamingULSDataset(files, tokenizer, args.block_size, seed=args.seed)
     else:
@@ -109,20 +101,17 @@ def build_trainer(args):
 
     # TrainingArguments before the model: with a ZeRO-3 --deepspeed config this registers it, so that
     # from_pretrained partitions the weights while loading (zero.Init) instead of each rank loading all.
-    targs = training_args(args)
+    try:
+        targs = training_args(args)
+    except (ValueError, ImportError) as e:  # TrainingArguments validates the flags it is given
+        raise TrainError(f"transformers refused the training arguments: {e}") from e
     dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype, local_files_only=True)
     if args.freeze_emb:
         model.get_input_embeddings().weight.requires_grad_(False)  # tied: the LM head is the same tensor
-    fused = bool(args.use_fused_kernels)
-    bi = None
-    if args.strategy == "shortgpt":
-        if not args.calibration:
-            raise ValueError("--strategy shortgpt needs --calibration (the scores file of `ulskip calibrate`)")
-        bi = read_block_influence(args.calibration)
     apply_uls(model, target_speedup=args.target_speedup, strategy=args.strategy, prefill=args.prefill,
               layer_seed=args.layer_seed, block_influence=bi)
-    if fused:
+    if args.use_fused_kernels:
         from ulskip.train.patching import patch_model
         kw = fused_patch_kwargs(args)
         if not kw["cross_entropy"]:
@@ -130,7 +119,233 @@ def build_trainer(args):
                   "its forward); the norm and activation kernels are on", file=sys.stderr)
         patch_model(model, **kw)
 
-    trainer = Trainer(model=model, args=targs, train_dataset=dataset,
-                      data_collator=ULSCollator(pad, pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None),
-                      processing_class=tokenizer)
+    collator = ULSCollator(pad, pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None)
+    try:
+        trainer = trainer_class()(model=model, args=targs, train_dataset=dataset, data_collator=collator,
+                                  processing_class=tokenizer,
+                                  callbacks=[safety_callback()(check_grad_norm=not uses_loss_scaling(args))])
+    except (ValueError, ImportError) as e:
+        raise TrainError(f"transformers refused the training set-up: {e}") from e
     return trainer, model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- the guards
+_CLASSES = {}
+
+
+def trainer_class():
+    """transformers' Trainer with two guards (the class is made on first use: transformers loads lazily)."""
+    if "trainer" in _CLASSES:
+        return _CLASSES["trainer"]
+    import shutil
+
+    import torch
+    from transformers import Trainer
+
+    from ulskip.train.safety import TMP_PREFIX, DivergedError, rotate_checkpoints
+
+    class ULSTrainer(Trainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            # The loss is checked here, not in a callback: training_step returns each micro-batch's loss
+            # after its backward and before the optimizer step, so a non-finite loss stops the run before
+            # its gradients reach the weights, and on every step; a callback sees the loss only in on_log,
+            # every --logging-steps, after the update. The host sync costs nothing new: the Trainer's own
+            # NaN filter (logging_nan_inf_filter) syncs on this same loss every step.
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise DivergedError(
+                    f"the training loss is {float(loss.detach().float().mean())} at step "
+                    f"{self.state.global_step + 1} (of {self.state.max_steps}): the run diverged and stopped "
+                    f"before that step's update; no model was written to {self.args.output_dir!r} "
+                    f"(lower --learning-rate, now {self.args.learning_rate:g})")
+            return loss
+
+        _save_root = None
+
+        def _get_output_dir(self, trial):
+            # where the Trainer's _save_checkpoint puts checkpoint-N (and rotates): our temporary folder
+            # while we save, the output folder otherwise
+            return self._save_root if self._save_root is not None else super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            # Atomic checkpoints: the Trainer's own save (same signature and body in transformers 5.17 and
+            # 5.24: it writes into self._get_output_dir(trial)/checkpoint-N) writes into a hidden temporary
+            # folder inside the output folder, and the finished checkpoint-N is renamed into place (same
+            # filesystem), so a checkpoint-N is complete or absent. args.output_dir is left alone (it is
+            # pickled into training_args.bin). Every rank has written its part (rng states, DeepSpeed
+            # shards) before the rename. A Trainer that ignored _get_output_dir would write checkpoint-N
+            # in place, non-atomically: safety.checkpoint_problems is the guard then.
+            step = self.state.global_step
+            check_weights(self, f"checkpoint-{step} was not saved and no model was written to "
+                                f"{self.args.output_dir!r}")
+            out, name = self.args.output_dir, f"checkpoint-{step}"
+            tmp = os.path.join(out, f"{TMP_PREFIX}{name}")
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self._save_root = tmp
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._save_root = None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                written, final = os.path.join(tmp, name), os.path.join(out, name)
+                if os.path.isdir(written):
+                    if os.path.isdir(final):
+                        shutil.rmtree(final)  # a partial one of a killed run, or one this run replaces
+                    os.replace(written, final)
+                shutil.rmtree(tmp, ignore_errors=True)
+                rotate_checkpoints(out, self.args.save_total_limit, keep=final)
+            self.accelerator.wait_for_everyone()
+
+    _CLASSES["trainer"] = ULSTrainer
+    return ULSTrainer
+
+
+def safety_callback():
+    """A TrainerCallback that stops on a non-finite logged gradient norm and marks when training began."""
+    if "callback" in _CLASSES:
+        return _CLASSES["callback"]
+    import math
+
+    from transformers import TrainerCallback
+
+    from ulskip.train.safety import DivergedError
+
+    class SafetyCallback(TrainerCallback):
+        """The gradient norm is checked where transformers exposes it: `grad_norm` in the logs of every
+        --logging-steps (logged whenever max_grad_norm > 0, the default 1.0). on_log runs before that step's
+        checkpoint save, so the save never happens. Not under fp16 loss scaling (--fp16, or a DeepSpeed fp16
+        config): there an infinite norm is the scaler's cue to skip the step and lower the scale, not a
+        divergence. `started` tells set-up errors (before the first step) from errors in training."""
+
+        def __init__(self, check_grad_norm=True):
+            self.check_grad_norm = check_grad_norm
+            self.started = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            g = (logs or {}).get("grad_norm")
+            if self.check_grad_norm and isinstance(g, (int, float)) and not math.isfinite(g):
+                raise DivergedError(f"the gradient norm is {g} at step {state.global_step}: the run diverged; that "
+                                    f"step is not saved and no model was written to {args.output_dir!r} (lower "
+                                    f"--learning-rate, now {args.learning_rate:g})")
+
+    _CLASSES["callback"] = SafetyCallback
+    return SafetyCallback
+
+
+def prepare_output_dir(trainer, args):
+    """After everything was built (bad flags, data and model failed before this, leaving the folder as it
+    was): --overwrite-output-dir removes the previous run's model and checkpoints, before training, so a
+    failing run can never leave the old model to be served; our temporary folders of a killed run go."""
+    from ulskip.train.safety import clear_output_dir, remove_stale_tmp, warn
+
+    if trainer.args.should_save:
+        if getattr(args, "overwrite_output_dir", False):
+            removed = clear_output_dir(args.output_dir)
+            if removed:
+                warn(f"--overwrite-output-dir: removed the previous run's {', '.join(removed)} from "
+                     f"{args.output_dir}")
+        remove_stale_tmp(args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
+def train(trainer, resume):
+    """trainer.train with the user's errors as TrainError: a ValueError before the first step is the set-up
+    refusing a flag or a checkpoint (dataloader, optimizer, resume); out of memory names the step."""
+    import torch
+
+    from ulskip.train.data import DataError
+    from ulskip.train.safety import TrainError
+
+    cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, safety_callback())), None)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except (TrainError, DataError):
+        raise
+    except ValueError as e:
+        if cb is None or cb.started:
+            raise  # during training: not a flag problem, keep the traceback
+        raise TrainError(f"transformers refused the run before its first step: {e}") from e
+    except torch.OutOfMemoryError as e:
+        raise TrainError(f"out of memory at step {trainer.state.global_step + 1}: lower "
+                         "--per-device-train-batch-size or --block-size, or add --gradient-checkpointing") from e
+    if trainer.state.global_step == 0:
+        raise TrainError("no training step ran (the data gave no batch): nothing was saved")
+
+
+def close_progress_bars(trainer) -> None:
+    """A run stopped by an exception leaves the Trainer's tqdm bar open: close it, so that the error line
+    starts a line of its own."""
+    for cb in getattr(getattr(trainer, "callback_handler", None), "callbacks", []):
+        bar = getattr(cb, "training_bar", None)
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+            cb.training_bar = None
+
+
+def probe_loss(trainer):
+    """The loss of the first training record under the trained weights (eval mode, no grad): the last
+    step's update is checked by no later step's loss."""
+    import torch
+
+    ds, collate = trainer.train_dataset, trainer.data_collator
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        ex = next(iter(ds), None)
+    else:
+        ex = ds[0] if len(ds) else None
+    if ex is None:
+        return None
+    batch = {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in collate([ex]).items()}
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            loss = model(**batch).loss
+    finally:
+        model.train(was_training)
+    return None if loss is None else float(loss.detach().float())
+
+
+def check_weights(trainer, consequence: str) -> None:
+    """Before anything is saved (every checkpoint-N and the final model): every weight finite (one pass)
+    and the model's loss on the first training record finite. The second check catches a divergence in
+    the last update before a save, which no later step's loss would show (weights of 1e30 are finite)."""
+    import math
+
+    from ulskip.train.safety import DivergedError, nonfinite_parameter
+
+    step = trainer.state.global_step
+    hint = f"(lower --learning-rate, now {trainer.args.learning_rate:g})"
+    bad = nonfinite_parameter(trainer.model)
+    if bad is not None:
+        raise DivergedError(f"weight {bad} is not finite after step {step}: the run diverged; {consequence} {hint}")
+    loss = probe_loss(trainer)
+    if loss is not None and not math.isfinite(loss):
+        raise DivergedError(f"the loss on the first training record is {loss} after step {step}: the run "
+                            f"diverged; {consequence} {hint}")
+
+
+def save_final(trainer, tokenizer, output_dir):
+    """The top-level model, written last: only after training succeeded and check_weights passed; saved
+    into a temporary folder inside output_dir (same filesystem, so the moves are renames), then moved in
+    (safety.publish: the old model files are removed only now, config.json is moved last)."""
+    import shutil
+
+    from ulskip.train.safety import TMP_MODEL, publish
+
+    check_weights(trainer, f"no model was written to {output_dir!r}")
+    tmp = os.path.join(output_dir, TMP_MODEL)
+    if trainer.args.should_save:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(tmp)
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(tmp)
+        publish(tmp, output_dir)
+    trainer.accelerator.wait_for_everyone()
