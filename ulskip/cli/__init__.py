@@ -118,11 +118,27 @@ def _fail(label: str, msg: str, status: int = USAGE_STATUS) -> SystemExit:
     return SystemExit(ExitStatus(status, line))
 
 
+class _Version(argparse.Action):
+    """--version: the build is looked at only when asked (it imports torch and the compiled core)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ulskip import __version__
+        try:
+            import torch
+            from ulskip.kernels.cache_write import has_cuda_ops, is_available
+            ops = ("CPU + CUDA" if has_cuda_ops() else "CPU only") if is_available() else "not built"
+            extra = f" (torch {torch.__version__}; compiled ops ulskip._C: {ops})"
+        except ImportError as e:
+            extra = f" ({e})"
+        print(f"ulskip {__version__}{extra}")
+        parser.exit()
+
+
 def build_parser(chosen: str | None) -> argparse.ArgumentParser:
     parser = Parser(prog="ulskip", description=__doc__.splitlines()[0])
-    from ulskip import __version__
-    parser.add_argument("--version", action="version", version=f"ulskip {__version__}",
-                        help="print the version and exit")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the version, the torch it runs on and whether the compiled ops have CUDA, "
+                             "then exit")
     parser.add_argument("--debug", action="store_true", default=False, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module, help_) in SUBCOMMANDS.items():
