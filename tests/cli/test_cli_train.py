@@ -181,7 +181,8 @@ def test_flags_take_dashes_and_the_underscore_spellings():
 
 
 @pytest.mark.parametrize("family,prefill,strategy", [("llama", "full", "early-exit"), ("llama", "skip", "random"),
-                                                     ("bloom", "full", "shortgpt"), ("llama", "full", "even")])
+                                                     ("bloom", "full", "shortgpt"), ("llama", "full", "even"),
+                                                     ("bloom", "skip", "random")])  # random seed 3: [1, 4, 5]
 def test_train_infer_consistency_of_every_policy(tmp_path, family, prefill, strategy):
     """The baseline layer policies run through the same two paths as ULS: the training forward's logits
     at the response positions == the engine's decode scores of a checkpoint saved with that policy (its

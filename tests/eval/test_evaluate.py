@@ -149,3 +149,22 @@ def test_calibrate_cli_and_shortgpt(ckpt, data, tmp_path, capsys):
         read_block_influence(str(bad))
     with pytest.raises(ValueError, match="scores 4 layers, the model has 6"):
         read_block_influence(str(out), 6)
+
+
+def test_perplexity_of_a_batch_whose_rows_end_at_different_places(ckpt):
+    """A long prompt with a short reference beside a short prompt with a long one, in an engine sized for
+    each record alone: finished rows must not decode past the cache (the GPU cache write does not check),
+    and each row's NLL equals the row alone."""
+    tok = make_tokenizer()
+    recs = [{"prefix": " ".join(["what color is the sky ?"] * 4), "text": "blue", "_where": "a"},
+            {"prefix": "is", "text": " ".join(["the sky is blue ."] * 4), "_where": "b"}]
+    exs = tokenize(tok, recs)
+    longest = max(len(e["prompt"]) + len(e["response"]) for e in exs)
+    assert max(len(e["prompt"]) for e in exs) + max(len(e["response"]) for e in exs) > longest
+    eng = Engine.from_pretrained(ckpt, target_speedup=2, max_batch_size=2, max_seq_len=longest)
+    both, n = response_nll(eng, exs)
+    alone = [response_nll(eng, [e]) for e in exs]
+    assert n == sum(c for _, c in alone) and both == pytest.approx(sum(x for x, _ in alone), rel=1e-5)
+    short = Engine.from_pretrained(ckpt, target_speedup=2, max_batch_size=2, max_seq_len=longest - 1)
+    with pytest.raises(ValueError, match=f"a record of {longest} tokens .* exceeds the engine's max_seq_len"):
+        response_nll(short, exs)

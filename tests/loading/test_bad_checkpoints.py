@@ -104,3 +104,17 @@ def test_live_model_is_checked_too():
     model.config.ulskip = "yes"
     with pytest.raises(ValueError, match="the model's config: the 'ulskip' section must be an object"):
         Engine.from_hf_model(make_hf_model("llama", num_layers=4, ulskip="yes"), max_seq_len=16)
+
+
+def test_bloom_heads_must_divide_the_hidden_size(tmp_path):
+    path = save(make_hf_model("bloom", num_layers=2), tmp_path / "b")
+    _edit_config(path, n_head=3)
+    with pytest.raises(ValueError, match=r"n_head=3 is not a valid value \(a divisor of hidden_size=64\)"):
+        Engine.from_pretrained(path, max_seq_len=16)
+
+
+def test_fp16_overflow_is_named_as_such(ckpt):
+    _edit_weights(ckpt, lambda s: s["model.layers.0.mlp.down_proj.weight"].__setitem__((0, 0), 1e6))
+    with pytest.raises(ValueError, match=r"down_proj.weight' .* \(max \|w\| = 1e\+06\) that overflow torch.float16"):
+        Engine.from_pretrained(ckpt, max_seq_len=16, dtype="fp16", device="cpu")
+    Engine.from_pretrained(ckpt, max_seq_len=16, dtype="fp32", device="cpu")  # fine in fp32

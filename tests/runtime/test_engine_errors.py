@@ -84,8 +84,8 @@ def test_numpy_and_tensor_token_ids_are_accepted(eng):
     (dict(num_beams=True), r"num_beams must be a positive integer, got True"),
     (dict(max_new_tokens=2.0), r"max_new_tokens must be a positive integer, got 2.0"),
     (dict(top_k=True, do_sample=True), r"top_k must be an integer >= 0 \(0 = off\), got True"),
-    (dict(seed=2 ** 64), r"seed must be None or an integer in \[0, 2\*\*63 - 1\]"),
-    (dict(seed=-1), r"seed must be None or an integer in \[0, 2\*\*63 - 1\]"),
+    (dict(seed=2 ** 64), r"seed must be None or an integer in \[-2\*\*63, 2\*\*64 - 1\]"),
+    (dict(seed="1"), r"seed must be None or an integer"),
     (dict(eos_token_id=2.0), r"eos_token_id must be None, a token id or a list of token ids"),
     (dict(eos_token_id=[2, "x"]), r"eos_token_id must be None, a token id or a list of token ids"),
     (dict(eos_token_id=101), r"eos_token_id 101 is outside the vocabulary \[0, 101\)"),
@@ -95,6 +95,16 @@ def test_numpy_and_tensor_token_ids_are_accepted(eng):
 def test_argument_types(eng, kwargs, match):
     with pytest.raises(ValueError, match=match):
         eng.generate([[1, 2]], **{"max_new_tokens": 2, **kwargs})
+
+
+def test_none_means_the_default_as_in_transformers(eng):
+    """transformers' GenerationConfig leaves temperature, top_k, top_p, ... None: forwarding them works."""
+    ref = eng.generate([[1, 2, 3]], max_new_tokens=4).sequences
+    assert eng.generate([[1, 2, 3]], max_new_tokens=4, temperature=None, top_k=None, top_p=None, do_sample=None,
+                        length_penalty=None, output_scores=None, num_beams=None).sequences == ref
+    assert eng.generate([[1, 2, 3]], max_new_tokens=4, eos_token_id={7, 9}).sequences == \
+        eng.generate([[1, 2, 3]], max_new_tokens=4, eos_token_id=[9, 7]).sequences
+    eng.generate([[1, 2]], max_new_tokens=2, do_sample=True, seed=-1)  # torch takes negative seeds
 
 
 def test_numpy_and_0d_tensor_numbers_are_accepted(eng):
@@ -139,3 +149,13 @@ def test_engine_construction_arguments(path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available on this machine"):
             Engine.from_pretrained(path, device="cuda")
+
+
+def test_decode_layers_must_be_cached(path):
+    import torch
+    eng = Engine.from_pretrained(path, target_speedup=2, max_seq_len=16)  # kept [0, 3, 5]: all loaded, 3 cached
+    eng.prefill(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
+    for layers in ([0, 1, 5], [5, 3], [3, 3]):
+        with pytest.raises(ValueError, match=r"decode layers must be distinct, sorted layers of the compact cache"):
+            eng.decode(torch.tensor([4]), torch.tensor([3]), layers=layers)
+    assert eng.decode(torch.tensor([4]), torch.tensor([3]), layers=[3, 5]).shape == (1, 101)

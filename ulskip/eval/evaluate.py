@@ -67,14 +67,21 @@ def response_nll(engine, batch: list[dict]) -> tuple[float, int]:
     lengths = torch.tensor([len(ex["prompt"]) for ex in batch]).to(dev)
     resp = torch.tensor([ex["response"] + [0] * (R - len(ex["response"])) for ex in batch]).to(dev)
     live = torch.tensor([[t < len(ex["response"]) for t in range(R)] for ex in batch]).to(dev)
+    longest = max(len(ex["prompt"]) + len(ex["response"]) for ex in batch)
+    if longest > engine.max_seq_len:
+        raise ValueError(f"a record of {longest} tokens (prompt + reference) exceeds the engine's "
+                         f"max_seq_len={engine.max_seq_len}")
     nll = torch.zeros((), dtype=torch.float64, device=dev)
     logits = engine.prefill(tokens, lengths)
     positions = lengths.clone()
     for t in range(R):
         lp = torch.log_softmax(logits.float(), dim=-1).gather(1, resp[:, t:t + 1])[:, 0]
         nll -= (lp.double() * live[:, t]).sum()
-        if t + 1 < R:  # rows whose response ended decode padding into cache positions no one reads
-            logits = engine.decode(resp[:, t], positions, layers=engine.step_layers(t))
+        if t + 1 < R:
+            # rows whose reference ended decode padding; their position is held inside the cache (their own
+            # row, never read again), since the GPU cache write does not range-check (no host sync)
+            logits = engine.decode(resp[:, t], positions.clamp(max=engine.max_seq_len - 1),
+                                   layers=engine.step_layers(t))
             positions += 1
     return float(nll), int(live.sum())
 

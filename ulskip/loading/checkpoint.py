@@ -104,9 +104,14 @@ def _read(source, names, where):
     return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
 
 
-def _check_finite(name: str, t: torch.Tensor, where: str) -> None:
+def _check_finite(name: str, t: torch.Tensor, where: str, raw: torch.Tensor | None = None) -> None:
+    """t (as loaded, in the model dtype) holds only finite values; raw: the checkpoint's tensor, looked at
+    only when t does not, to tell a corrupt checkpoint from an overflow of the dtype it is loaded in."""
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
+        if raw is not None and raw.is_floating_point() and bool(torch.isfinite(raw).all()):
+            raise ValueError(f"tensor {name!r} in {where} holds values (max |w| = {float(raw.abs().max()):.4g}) that "
+                             f"overflow {t.dtype}: load it in float32 or bfloat16")
         raise ValueError(f"tensor {name!r} in {where} holds {bad} non-finite values (NaN or inf): the checkpoint "
                          "is corrupt or its training diverged")
 
@@ -142,8 +147,9 @@ def build_model(cfg, layer_ids, source, dtype: torch.dtype, device, where: str =
             if t.shape != p.shape:
                 raise ValueError(f"tensor {spec.tensors[0]!r} in {where} has shape {tuple(t.shape)}, "
                                  f"expected {tuple(p.shape)} from config.json")
-            t = t.to(device=device, dtype=dtype)
-            _check_finite(spec.tensors[0] if len(spec.tensors) == 1 else "+".join(spec.tensors), t, where)
+            raw, t = t, t.to(device=device, dtype=dtype)
+            _check_finite(spec.tensors[0] if len(spec.tensors) == 1 else "+".join(spec.tensors), t, where, raw)
+            del raw
         if spec.fold is None:
             shared[spec.tensors] = t
         else:

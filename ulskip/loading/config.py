@@ -101,6 +101,8 @@ def check_config(cfg: ModelConfig, where: str) -> ModelConfig:
                          ("max_position_embeddings", cfg.max_position_embeddings)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             bad("num_hidden_layers" if field == "num_layers" else field, value, "a positive integer")
+    if cfg.family == "bloom" and cfg.hidden_size % cfg.num_heads:
+        bad("n_head", cfg.num_heads, f"a divisor of hidden_size={cfg.hidden_size}")
     if cfg.num_heads % cfg.num_kv_heads:
         bad("num_key_value_heads", cfg.num_kv_heads, f"a divisor of num_attention_heads={cfg.num_heads}")
     if isinstance(cfg.norm_eps, bool) or not isinstance(cfg.norm_eps, (int, float)) or not 0 < cfg.norm_eps < 1:

@@ -69,8 +69,9 @@ def _parse_device(device) -> torch.device:
 
 def free_memory_bytes(device: torch.device) -> int | None:
     """Free memory the cache would come from: the GPU's free bytes, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # free on the device + what torch holds reserved but unused (load temporaries)
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+            torch.cuda.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -105,6 +106,7 @@ class Engine:
         # SkipDecode (ulskip.schedule.SkipDecode): response token j runs step_layers(j), a top slice of
         # kept_layers (their union); None: every step runs kept_layers
         self.skipdecode = skipdecode
+        self._checked_layers = set()
         if skipdecode is not None and (prefill != "full" or self.kept_layers != skipdecode.union):
             raise ValueError("skipdecode needs prefill='full' and kept_layers equal to its union of layers")
         self.prefill_layers = list(range(cfg.num_layers)) if prefill == "full" else self.kept_layers
@@ -158,6 +160,9 @@ class Engine:
         plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip, layer_seed,
                          block_influence)
         p = next(hf_model.parameters())
+        if p.dtype not in DTYPES.values():
+            raise ValueError(f"the model's dtype is {p.dtype}; the engine runs float32, float16 or bfloat16 "
+                             "(cast the model first, e.g. model.to(torch.bfloat16))")
         model = build_model(cfg, plan.load_layers, StateDictTensors(hf_model.state_dict()), p.dtype, p.device,
                             where="the model's state dict")
         max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
@@ -198,6 +203,12 @@ class Engine:
         eagerly; otherwise (on a GPU) it replays the CUDA graph of its batch bucket (and layer set), and the
         result is the graph's static buffer: valid until the next step."""
         layers = tuple(self.kept_layers if layers is None else layers)
+        if layers not in self._checked_layers:  # once per layer set: the cache holds K/V of cached layers only
+            missing = [i for i in layers if i not in self.cache.slot]
+            if missing or list(layers) != sorted(set(layers)):
+                raise ValueError(f"decode layers must be distinct, sorted layers of the compact cache "
+                                 f"{self.kept_layers}, got {list(layers)}")
+            self._checked_layers.add(layers)
         if graphs and self.graphs is not None:
             return self.graphs(tokens, positions, layers)
         return self._decode_eager(tokens, positions, layers)

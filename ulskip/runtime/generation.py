@@ -1,11 +1,11 @@
 """The arguments of one generate() call, checked in one place before anything runs on the device."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ulskip.arguments import flag, integer, is_int, number
 
-SEED_MAX = 2 ** 63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -25,7 +25,11 @@ class GenerationConfig:
     eos_ids: list[int] = field(init=False, default_factory=list)  # eos_token_id as a list ([] = no stop)
 
     def __post_init__(self):
-        """Checks every field (the rule of ulskip/arguments.py) and normalizes numpy / 0-d tensor values."""
+        """Checks every field (the rule of ulskip/arguments.py) and normalizes numpy / 0-d tensor values.
+        None means the default, as in transformers' GenerationConfig (whose fields default to None)."""
+        for f in fields(self):
+            if f.init and f.name not in ("eos_token_id", "seed") and getattr(self, f.name) is None:
+                setattr(self, f.name, f.default)
         self.max_new_tokens = integer("max_new_tokens", self.max_new_tokens, 1, what="a positive integer")
         self.num_beams = integer("num_beams", self.num_beams, 1, what="a positive integer")
         self.do_sample = flag("do_sample", self.do_sample)
@@ -43,7 +47,7 @@ class GenerationConfig:
                 raise ValueError("beam search with sampling is not supported; use num_beams=1 with do_sample=True "
                                  "or do_sample=False with num_beams > 1")
         if self.seed is not None:
-            self.seed = integer("seed", self.seed, 0, SEED_MAX, what="None or an integer in [0, 2**63 - 1]")
+            self.seed = integer("seed", self.seed, SEED_MIN, SEED_MAX, what="None or an integer in [-2**63, 2**64 - 1]")
         self.length_penalty = number("length_penalty", self.length_penalty)
         self.repetition_penalty = number("repetition_penalty", self.repetition_penalty, 0, lo_open=True,
                                          what="a finite number > 0 (1.0 = off)")
@@ -55,8 +59,8 @@ class GenerationConfig:
             self.eos_ids = []
         elif is_int(eos):
             self.eos_ids = [integer("eos_token_id", eos, 0, what=what)]
-        elif isinstance(eos, (list, tuple)) or (hasattr(eos, "tolist") and getattr(eos, "ndim", 0) == 1):
-            self.eos_ids = [integer("eos_token_id", e, 0, what=what) for e in list(eos)]
+        elif isinstance(eos, (list, tuple, set, frozenset)) or (hasattr(eos, "tolist") and getattr(eos, "ndim", 0) == 1):
+            self.eos_ids = sorted({integer("eos_token_id", e, 0, what=what) for e in list(eos)})
         else:
             raise ValueError(f"eos_token_id must be {what}, got {eos!r}")
 

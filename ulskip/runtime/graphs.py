@@ -2,8 +2,9 @@
 
 A decode step of a 7B model is a few hundred small kernels; launched one by one from Python they cost
 more than the weights take to stream at batch 1. Every sequence shares the schedule, so the step is a
-static program: capture it once per batch-size bucket (static token/position buffers, static logits),
-then each step is two small copies and one replay.
+static program: capture it once per batch-size bucket (and layer set: one for a static schedule, one per
+depth for SkipDecode) with static token/position buffers and logits; then each step is two small copies
+and one replay.
 
 A short prompt pass is launch-bound the same way (~20 kernels per layer from Python: ~20 ms for a
 128-token prompt of a 7B model, where reading the weights takes ~4 ms), so prompt passes of up to

@@ -183,6 +183,10 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
         else:
             kept = uls_schedule(L, target_speedup, strategy, seed=layer_seed, block_influence=block_influence)
     ctx = _ULSContext(kept, prefill)
+    # a skipped layer must return what the layer class returns; learned from the first kept layer that runs,
+    # but with prefill="skip" the first layers may all be skipped (random, shortgpt): Bloom's blocks return
+    # tuples, the Llama family's layers a tensor (transformers 5)
+    ctx.tuple_out = model_type(model) == "bloom"
     for i, layer in enumerate(layers):
         layer.__class__ = _uls_class(type(layer))
         layer._ulskip_ctx = ctx
