@@ -238,7 +238,7 @@ def test_train_infer_consistency_of_skipdecode(tmp_path, family):
     model.save_pretrained(tmp_path)                                                  # every depth
     eng = ulskip.Engine.from_pretrained(str(tmp_path), dtype=torch.float32)
     assert eng.skipdecode == SkipDecode(6, 4, 2, 4) and eng.kept_layers == [2, 3, 4, 5]
-    assert [eng.step_layers(j) for j in (0, 1, 2, 3, 7)] == [[2, 3, 4, 5], [3, 4, 5], [3, 4, 5], [4, 5], [4, 5]]
+    assert [list(eng.step_layers(j)) for j in (0, 1, 2, 3, 7)] == [[2, 3, 4, 5], [3, 4, 5], [3, 4, 5], [4, 5], [4, 5]]
     prefix, n = [1, 7, 9, 11, 13, 20, 5], 7
     out = eng.generate([prefix, prefix[:4]], max_new_tokens=n, output_scores=True)
     m = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()

@@ -106,6 +106,7 @@ class Engine:
         # SkipDecode (ulskip.schedule.SkipDecode): response token j runs step_layers(j), a top slice of
         # kept_layers (their union); None: every step runs kept_layers
         self.skipdecode = skipdecode
+        self._kept = tuple(self.kept_layers)  # the decode step's layer set, as the graphs key it
         self._checked_layers = set()
         if skipdecode is not None and (prefill != "full" or self.kept_layers != skipdecode.union):
             raise ValueError("skipdecode needs prefill='full' and kept_layers equal to its union of layers")
@@ -191,9 +192,9 @@ class Engine:
         step = Step(positions=positions, cache=self.cache, decode=False)
         return self.model(tokens, step, self.prefill_layers, last_index=lengths - 1)
 
-    def step_layers(self, j: int) -> list[int]:
+    def step_layers(self, j: int) -> tuple[int, ...]:
         """The layers response token j (0 = the first generated token, the first decode step's input) runs."""
-        return self.kept_layers if self.skipdecode is None else self.skipdecode.layers(j)
+        return self._kept if self.skipdecode is None else tuple(self.skipdecode.layers(j))
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, graphs: bool = True,
@@ -202,7 +203,7 @@ class Engine:
         kept layers; with SkipDecode pass step_layers(j)) -> fp32 logits [B, V]. graphs=False runs it
         eagerly; otherwise (on a GPU) it replays the CUDA graph of its batch bucket (and layer set), and the
         result is the graph's static buffer: valid until the next step."""
-        layers = tuple(self.kept_layers if layers is None else layers)
+        layers = self._kept if layers is None else tuple(layers)
         if layers not in self._checked_layers:  # once per layer set: the cache holds K/V of cached layers only
             missing = [i for i in layers if i not in self.cache.slot]
             if missing or list(layers) != sorted(set(layers)):
