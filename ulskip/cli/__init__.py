@@ -287,3 +287,40 @@ def data_files(pattern: str, flag: str = "--data") -> list[str]:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The schedule flags of the commands that run the engine on a checkpoint (generate, eval)
+# ----------------------------------------------------------------------------------------------------
+
+
+def add_schedule_arguments(p) -> None:
+    from ulskip.schedule import DYNAMIC_STRATEGIES, PREFILL_MODES, STRATEGIES
+    p.add_argument("--target-speedup", type=float, default=None,
+                   help="target speedup s (default: the checkpoint's ulskip section, else all layers)")
+    p.add_argument("--strategy", default="paper", choices=STRATEGIES + DYNAMIC_STRATEGIES,
+                   help="layer policy for --target-speedup (default %(default)s: the ULS rule)")
+    p.add_argument("--calibration", default=None,
+                   help="--strategy shortgpt: the scores file of `ulskip calibrate` (default: none)")
+    p.add_argument("--layer-seed", type=int, default=0,
+                   help="--strategy random: seed of the drawn layers, in [0, 2**63-1] (default %(default)s)")
+    p.add_argument("--prefill", default=None, choices=PREFILL_MODES,
+                   help="prompt pass through all layers (full) or the kept ones (skip) (default: the "
+                        "checkpoint's, else full)")
+
+
+def check_schedule_arguments(args) -> None:
+    check_seed("--layer-seed", args.layer_seed)
+    if args.strategy == "shortgpt" and args.target_speedup is not None and not args.calibration:
+        raise ValueError("--strategy shortgpt needs block_influence scores: pass --calibration FILE (written by "
+                         "`ulskip calibrate`)")
+
+
+def schedule_kwargs(args) -> dict:
+    """Engine.from_pretrained's schedule arguments from the flags of add_schedule_arguments."""
+    bi = None
+    if args.calibration:
+        from ulskip.calibration import read_block_influence
+        bi = read_block_influence(args.calibration)
+    return dict(target_speedup=args.target_speedup, strategy=args.strategy, prefill=args.prefill,
+                layer_seed=args.layer_seed, block_influence=bi)

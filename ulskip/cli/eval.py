@@ -8,26 +8,15 @@ import json
 import os
 import sys
 
-from ulskip.cli import (check_checkpoint, check_choice, check_device, check_finite, check_min, check_output_file,
-                        check_seed, data_files, require)
-from ulskip.schedule import DYNAMIC_STRATEGIES, PREFILL_MODES, STRATEGIES
+from ulskip.cli import (add_schedule_arguments, check_checkpoint, check_choice, check_device, check_finite, check_min,
+                        check_output_file, check_schedule_arguments, data_files, require, schedule_kwargs)
 
 
 def add_arguments(p):
     p.add_argument("model", help="local Hugging Face checkpoint folder, with its tokenizer (required)")
     p.add_argument("--data", required=True, help="json/jsonl file(s) of {prefix, text[, reference]} records "
                                                  "(glob, comma-separated) (required, no default)")
-    p.add_argument("--target-speedup", type=float, default=None,
-                   help="target speedup s (default: the checkpoint's ulskip section, else all layers)")
-    p.add_argument("--strategy", default="paper", choices=STRATEGIES + DYNAMIC_STRATEGIES,
-                   help="layer policy for --target-speedup (default %(default)s: the ULS rule)")
-    p.add_argument("--calibration", default=None,
-                   help="--strategy shortgpt: the scores file of `ulskip calibrate` (default: none)")
-    p.add_argument("--layer-seed", type=int, default=0,
-                   help="--strategy random: seed of the drawn layers, in [0, 2**63-1] (default %(default)s)")
-    p.add_argument("--prefill", default=None, choices=PREFILL_MODES,
-                   help="prompt pass through all layers (full) or the kept ones (skip); default: the checkpoint's, "
-                        "else full")
+    add_schedule_arguments(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N >= 1 records only (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, >= 1 (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64,
@@ -59,10 +48,7 @@ def _check(args):
     check_finite("--repetition-penalty", args.repetition_penalty, "a finite number > 0 (1 = off)")
     require(args.repetition_penalty > 0, "--repetition-penalty", "a finite number > 0 (1 = off)",
             args.repetition_penalty)
-    check_seed("--layer-seed", args.layer_seed)
-    if args.strategy == "shortgpt" and args.target_speedup is not None and not args.calibration:
-        raise ValueError("--strategy shortgpt needs block_influence scores: pass --calibration FILE (written by "
-                         "`ulskip calibrate`)")
+    check_schedule_arguments(args)
     from ulskip.runtime.engine import DTYPES
     check_choice("--dtype", args.dtype, list(DTYPES))
     check_device(args.device)
@@ -82,14 +68,9 @@ def run(args) -> int:
     tok = load_tokenizer(args.model)
     exs = tokenize(tok, records)
     longest = max(len(e["prompt"]) + max(len(e["response"]), args.max_new_tokens) for e in exs)
-    bi = None
-    if args.calibration:
-        from ulskip.calibration import read_block_influence
-        bi = read_block_influence(args.calibration)
-    eng = Engine.from_pretrained(args.model, target_speedup=args.target_speedup, strategy=args.strategy,
-                                 prefill=args.prefill, dtype=args.dtype, device=args.device,
+    eng = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device,
                                  max_batch_size=args.batch_size * args.num_beams, max_seq_len=longest,
-                                 layer_seed=args.layer_seed, block_influence=bi)
+                                 **schedule_kwargs(args))
     result = evaluate(eng, records, args.batch_size, args.max_new_tokens, args.num_beams,
                       args.no_repeat_ngram_size, args.repetition_penalty, not args.no_perplexity,
                       progress=not args.no_progress)

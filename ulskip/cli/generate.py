@@ -4,8 +4,8 @@ import os
 import sys
 import time
 
-from ulskip.cli import check_checkpoint, check_choice, check_device, check_finite, check_min, check_seed, require
-from ulskip.schedule import DYNAMIC_STRATEGIES, STRATEGIES
+from ulskip.cli import (add_schedule_arguments, check_checkpoint, check_choice, check_device, check_finite, check_min,
+                        check_schedule_arguments, check_seed, require, schedule_kwargs)
 
 
 def add_arguments(p):
@@ -15,17 +15,7 @@ def add_arguments(p):
                         "one --prompt or --prompt-ids)")
     p.add_argument("--prompt-ids", action="append",
                    help="comma-separated token ids >= 0, e.g. 1,450,7483 (repeatable; default: none)")
-    p.add_argument("--target-speedup", type=float, default=None,
-                   help="target speedup s (default: the checkpoint's ulskip section, else all layers)")
-    p.add_argument("--strategy", default="paper", choices=STRATEGIES + DYNAMIC_STRATEGIES,
-                   help="layer policy for --target-speedup (default %(default)s: the ULS rule)")
-    p.add_argument("--calibration", default=None,
-                   help="--strategy shortgpt: the scores file of `ulskip calibrate` (default: none)")
-    p.add_argument("--layer-seed", type=int, default=0,
-                   help="--strategy random: seed of the drawn layers, in [0, 2**63-1] (default %(default)s)")
-    p.add_argument("--prefill", default=None, choices=("full", "skip"),
-                   help="prompt pass through all layers (full) or the kept ones (skip) (default: the "
-                        "checkpoint's, else full)")
+    add_schedule_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="tokens to generate per prompt, >= 1 (default %(default)s)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (default: off)")
@@ -70,10 +60,7 @@ def check_args(args) -> list:
     prompts = list(args.prompt or []) + _prompt_ids(args.prompt_ids)
     if not prompts:
         raise ValueError("give at least one --prompt or --prompt-ids")
-    check_seed("--layer-seed", args.layer_seed)
-    if args.strategy == "shortgpt" and args.target_speedup is not None and not args.calibration:
-        raise ValueError("--strategy shortgpt needs block_influence scores: pass --calibration FILE (written by "
-                         "`ulskip calibrate`)")
+    check_schedule_arguments(args)
     check_min("--max-new-tokens", args.max_new_tokens, 1)
     check_min("--num-beams", args.num_beams, 1)
     check_min("--top-k", args.top_k, 0, ">= 0 (0 = off)")
@@ -99,14 +86,8 @@ def check_args(args) -> list:
 def run(args) -> int:
     prompts = check_args(args)
     from ulskip import Engine
-    bi = None
-    if args.calibration:
-        from ulskip.calibration import read_block_influence
-        bi = read_block_influence(args.calibration)
-    eng = Engine.from_pretrained(args.model, target_speedup=args.target_speedup, prefill=args.prefill,
-                                 dtype=args.dtype, device=args.device, strategy=args.strategy,
-                                 max_batch_size=len(prompts) * args.num_beams, layer_seed=args.layer_seed,
-                                 block_influence=bi)
+    eng = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device,
+                                 max_batch_size=len(prompts) * args.num_beams, **schedule_kwargs(args))
     eos = None
     if eng.tokenizer is not None and not args.no_eos:
         eos = eng.tokenizer.eos_token_id
