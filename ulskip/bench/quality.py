@@ -42,7 +42,8 @@ def train_args(args) -> list[str]:
     return ((["--bf16", "--use-fused-kernels"] if args.bf16 else []) +
             ["--per-device-train-batch-size", str(args.batch_size), "--learning-rate", str(args.lr),
              "--num-train-epochs", str(args.epochs), "--lr-scheduler-type", "cosine", "--warmup-ratio", "0.03",
-             "--save-steps", "1000000", "--logging-steps", "50", "--block-size", "256", "--seed", "0"])
+             "--save-steps", "1000000", "--logging-steps", "50", "--block-size", str(args.block_size), "--seed", "0"]
+            + (["--packing"] if args.packing else []))
 
 
 def eval_args(args) -> list[str]:
@@ -210,6 +211,10 @@ def main(argv=None):
     r.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     r.add_argument("--batch-size", type=int, default=32, help="records per step (default 32)")
     r.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 training and eval (CPU smoke runs)")
+    r.add_argument("--packing", action="store_true",
+                   help="padding-free rows (`ulskip train --packing`); --batch-size then counts rows (default: off)")
+    r.add_argument("--block-size", type=int, default=256,
+                   help="longest record, or with --packing the row length, in tokens (default 256)")
     r.add_argument("--paper-decode", action="store_true", help="evaluate with 4 beams + no_repeat_ngram_size 3")
     p = sub.add_parser("report", help="table and plot from study folders")
     p.add_argument("dirs", nargs="+")

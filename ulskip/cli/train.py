@@ -98,6 +98,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "logging_steps", type=int, default=10, help="log the loss every this many steps, >= 1 "
          "(default %(default)s)")
     flag(p, "seed", type=int, default=42, help="seed of the data order and initialisation (default %(default)s)")
+    flag(p, "packing", action="store_true",
+         help="padding-free rows: records packed into rows of up to --block-size tokens, attention and positions "
+              "per record, the ULS semantics per record (Llama family; --per-device-train-batch-size then counts "
+              "rows) (default: off, one record per row)")
+    flag(p, "skipdecode_horizon", type=int, default=64,
+         help="--strategy skipdecode: response positions over which the depth falls (default %(default)s)")
     flag(p, "streaming", action="store_true",
          help="read the data lazily (needs --max-steps); bad records raise when reached (default: off)")
     flag(p, "resume_from_checkpoint", default=None,

@@ -44,13 +44,21 @@ class _ULSContext:
         self.p_max = 0
         self.prefix_lengths = None  # [B]
         self.keeps = {}           # J -> (P, [B, P, 1] bool: position t < prefix_len[b] + J), per forward
+        self.response_index = None  # packed rows: [B, T] index of each token in its record's response, -1 prefix
         self.seq_len = 0
         self.tuple_out = None     # whether the layers return (hidden, ...) tuples; learned from layer 0
 
-    def begin(self, prefix_lengths, labels, batch, seq_len, device):
+    def begin(self, prefix_lengths, labels, batch, seq_len, device, response_index=None):
         self.seq_len = seq_len
         self.active = True
+        self.response_index = None
         if self.prefill == "skip":
+            return
+        if response_index is not None:  # packed rows (train/data.py PackingCollator)
+            ri = torch.as_tensor(response_index, device=device).long()
+            if ri.shape != (batch, seq_len):
+                raise ValueError(f"response_index must be [batch, seq] = {[batch, seq_len]}, got {list(ri.shape)}")
+            self.response_index, self.keeps = ri, {}
             return
         if prefix_lengths is not None:
             pl = torch.as_tensor(prefix_lengths, device=device).reshape(-1).long()
@@ -70,7 +78,13 @@ class _ULSContext:
 
     def keep(self, response_tokens: int):
         """(P, mask): a layer that runs on the prefix and the first `response_tokens` response tokens of each
-        row processes positions [0, P) and keeps its output where the mask is set."""
+        row processes positions [0, P) and keeps its output where the mask is set. Packed rows: every
+        position runs (P = seq_len; records follow each other, so there is no cut) and the mask picks the
+        prefix tokens and the response tokens of index < response_tokens of every record."""
+        if self.response_index is not None:
+            if response_tokens not in self.keeps:
+                self.keeps[response_tokens] = (self.seq_len, (self.response_index < response_tokens).unsqueeze(-1))
+            return self.keeps[response_tokens]
         if response_tokens not in self.keeps:
             P = min(self.seq_len, self.p_max + response_tokens)
             pos = torch.arange(P, device=self.prefix_lengths.device)
@@ -80,7 +94,7 @@ class _ULSContext:
 
     def end(self):
         self.active = False
-        self.prefix_lengths, self.keeps = None, {}
+        self.prefix_lengths, self.keeps, self.response_index = None, {}, None
 
 
 def _cut(name, v, T, P):

@@ -178,3 +178,64 @@ class ULSCollator:
             prefix_lengths[b] = p
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                 "prefix_lengths": prefix_lengths}
+
+
+class PackedULSDataset(torch.utils.data.Dataset):
+    """Padding-free rows: the examples of `dataset` packed greedily, in order, into rows of at most
+    `block_size` tokens (a record is never split). A row is a list of examples; PackingCollator lays them
+    out with per-record positions, so attention never crosses a record (transformers builds the
+    block-diagonal causal mask from position ids that restart at 0)."""
+
+    def __init__(self, dataset, block_size: int):
+        self.rows, row, n = [], [], 0
+        for i in range(len(dataset)):
+            ex = dataset[i]
+            k = len(ex["input_ids"])
+            if row and n + k > block_size:
+                self.rows.append(row)
+                row, n = [], 0
+            row.append(ex)
+            n += k
+        if row:
+            self.rows.append(row)
+        self.num_records = len(dataset)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class PackingCollator:
+    """Rows of packed examples -> input_ids, position_ids (restarting at 0 for every record), labels (-100
+    on prefixes and padding) and response_index (-1 on prefix tokens and padding, else the token's index
+    in its record's response): no attention_mask, so transformers detects the packed layout. Padding at the
+    end of a row is one more segment of its own, which no record attends to."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows):
+        T = max(sum(len(ex["input_ids"]) for ex in row) for row in rows)
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        B = len(rows)
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((B, T), dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        response_index = torch.full((B, T), -1, dtype=torch.long)
+        for b, row in enumerate(rows):
+            s = 0
+            for ex in row:
+                ids = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+                n, p = ids.numel(), int(ex["prefix_length"])
+                input_ids[b, s:s + n] = ids
+                position_ids[b, s:s + n] = torch.arange(n)
+                labels[b, s + p:s + n] = ids[p:]
+                response_index[b, s + p:s + n] = torch.arange(n - p)
+                s += n
+            position_ids[b, s:] = torch.arange(T - s)  # the padding: a segment of its own
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+                "response_index": response_index}

@@ -141,9 +141,11 @@ _NOT_FOR_BASE = ("labels", "num_items_in_batch", "logits_to_keep", "return_dict"
                  "output_attentions", "output_hidden_states")
 
 
-def _causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, prefix_lengths=None, **kwargs):
-    """The model's forward plus ULS semantics (`prefix_lengths` [batch], else derived from `labels`)
-    and the fused linear cross-entropy (when patched and labels are given)."""
+def _causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, prefix_lengths=None,
+                       response_index=None, **kwargs):
+    """The model's forward plus ULS semantics (`prefix_lengths` [batch], else derived from `labels`; packed
+    rows: `response_index` [batch, seq] with position_ids restarting per record) and the fused linear
+    cross-entropy (when patched and labels are given)."""
     state: TrainState = self._ulskip_train
     uls = state.uls
     ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -153,9 +155,15 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, p
                 raise ValueError("a model prepared by ulskip.train.apply_uls runs whole sequences (training, "
                                  "teacher-forced scoring) and takes no KV cache; generate with ulskip.Engine")
         kwargs["use_cache"] = False
-        uls.begin(prefix_lengths, labels, ref.shape[0], ref.shape[1], ref.device)
-    elif prefix_lengths is not None:
-        raise ValueError("prefix_lengths is only meaningful after ulskip.train.apply_uls(model, ...)")
+        if response_index is not None and (model_type(self) == "bloom" or attention_mask is not None
+                                           or kwargs.get("position_ids") is None):
+            # transformers builds the per-record (block-diagonal) mask from position ids that restart at 0,
+            # and only without an attention mask; Bloom derives ALiBi and its mask from attention_mask alone
+            raise ValueError("packed rows (response_index) need position_ids restarting per record, no "
+                             "attention_mask, and a Llama-family model (Bloom cannot pack)")
+        uls.begin(prefix_lengths, labels, ref.shape[0], ref.shape[1], ref.device, response_index)
+    elif prefix_lengths is not None or response_index is not None:
+        raise ValueError("prefix_lengths / response_index are only meaningful after ulskip.train.apply_uls(model, ...)")
     try:
         if state.fused_ce and labels is not None and not kwargs.get("output_hidden_states") \
                 and not kwargs.get("output_attentions"):

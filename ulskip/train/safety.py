@@ -105,6 +105,10 @@ def check_args(args) -> None:
     _need(0 <= args.seed < 2 ** 32, "seed", args.seed, "an integer in [0, 2**32) (default 42)")
     if args.strategy == "shortgpt" and not args.calibration:
         raise TrainError("--strategy shortgpt needs --calibration (the scores file of `ulskip calibrate`)")
+    if getattr(args, "packing", False) and args.streaming:
+        raise TrainError("--packing packs the whole data set into rows up front; it cannot be combined with --streaming")
+    _need(getattr(args, "skipdecode_horizon", 64) >= 2, "skipdecode-horizon", getattr(args, "skipdecode_horizon", 64),
+          "an integer >= 2 (default 64)")
     if args.streaming and args.max_steps <= 0:
         raise TrainError("--streaming reads the data lazily, so the length of an epoch is unknown: give --max-steps")
     if args.fp16 and args.torch_dtype == "float16":

@@ -81,7 +81,8 @@ def build_trainer(args):
 
     from ulskip.calibration import read_block_influence
     from ulskip.train.apply_uls import apply_uls
-    from ulskip.train.data import StreamingULSDataset, ULSCollator, ULSDataset, resolve_files
+    from ulskip.train.data import (PackedULSDataset, PackingCollator, StreamingULSDataset, ULSCollator, ULSDataset,
+                                   resolve_files)
     from ulskip.train.safety import TrainError, check_model_folder, uses_loss_scaling
 
     check_args(args)
@@ -91,10 +92,17 @@ def build_trainer(args):
     bi = read_block_influence(args.calibration) if args.strategy == "shortgpt" else None
     # local_files_only: the tool is offline; a folder is never mistaken for a Hub repo id
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, local_files_only=True)
+    if args.packing:
+        from ulskip.loading.config import read_config_json
+        if read_config_json(args.model_name_or_path)["model_type"] == "bloom":
+            raise TrainError("--packing needs a Llama-family model: Bloom builds ALiBi and its mask from the "
+                             "attention mask alone, so packed records would attend to each other")
     if args.streaming:
         dataset = StreamingULSDataset(files, tokenizer, args.block_size, seed=args.seed)
     else:
         dataset = ULSDataset(files, tokenizer, args.block_size)  # bad data fails before the model loads
+        if args.packing:
+            dataset = PackedULSDataset(dataset, args.block_size)
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -110,7 +118,7 @@ def build_trainer(args):
     if args.freeze_emb:
         model.get_input_embeddings().weight.requires_grad_(False)  # tied: the LM head is the same tensor
     apply_uls(model, target_speedup=args.target_speedup, strategy=args.strategy, prefill=args.prefill,
-              layer_seed=args.layer_seed, block_influence=bi)
+              layer_seed=args.layer_seed, block_influence=bi, skipdecode_horizon=args.skipdecode_horizon)
     if args.use_fused_kernels:
         from ulskip.train.patching import patch_model
         kw = fused_patch_kwargs(args)
@@ -119,7 +127,8 @@ def build_trainer(args):
                   "its forward); the norm and activation kernels are on", file=sys.stderr)
         patch_model(model, **kw)
 
-    collator = ULSCollator(pad, pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None)
+    collator = (PackingCollator if args.packing else ULSCollator)(
+        pad, pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None)
     try:
         trainer = trainer_class()(model=model, args=targs, train_dataset=dataset, data_collator=collator,
                                   processing_class=tokenizer,
