@@ -34,6 +34,21 @@ for _s in (2, 3, 5, 10):
     for _name, _strategy in (("ee", "early-exit"), ("sg", "shortgpt"), ("rnd", "random"), ("even", "even"),
                              ("sd", "skipdecode")):
         STEPS[f"{_name}{_s}"] = (_strategy, _s, "full", True)
+    # variants of the ULS recipe (deliverable 6): logit distillation from the study's full fine-tune
+    # (ft-full must have run first), and unfrozen embeddings (= the tied head)
+    STEPS[f"uls{_s}-kd"] = ("paper", _s, "full", True)
+    STEPS[f"uls{_s}-emb"] = ("paper", _s, "full", True)
+
+
+def variant_args(name: str, out: str) -> list[str]:
+    if name.endswith("-kd"):
+        teacher = os.path.join(out, "ft-full", "ckpt")
+        if not os.path.isfile(os.path.join(teacher, "config.json")):
+            raise SystemExit(f"quality study: step {name} distills from the full fine-tune: run ft-full first")
+        return ["--distill-from", teacher, "--distill-weight", "0.5", "--distill-temperature", "1"]
+    if name.endswith("-emb"):
+        return ["--freeze-emb", "false"]
+    return []
 
 
 
@@ -76,7 +91,8 @@ def run_step(name, model, data, out, train_args, eval_args, calibration):
     cli = [sys.executable, "-m", "ulskip.cli"]
     policy = ["--strategy", strategy] + (["--calibration", calibration] if strategy == "shortgpt" else [])
     step = {"name": name, "strategy": strategy, "target_speedup": speedup, "prefill": prefill,
-            "fine_tuned": trained, "model": model, "data": data, "train_args": train_args if trained else None,
+            "fine_tuned": trained, "variant": variant_args(name, out) if trained else [], "model": model,
+            "data": data, "train_args": train_args if trained else None,
             "eval_args": eval_args}
     ckpt, train_s = model, None
     if trained:
@@ -86,7 +102,8 @@ def run_step(name, model, data, out, train_args, eval_args, calibration):
             again = ["--overwrite-output-dir"] if os.path.isdir(ckpt) and os.listdir(ckpt) else []
             train_s = _run(cli + ["train", "--model-name-or-path", model, "--train-file",
                                   os.path.join(data, "train.jsonl"), "--output-dir", ckpt, "--target-speedup",
-                                  str(speedup), "--prefill", prefill, *policy, *train_args, *again], log)
+                                  str(speedup), "--prefill", prefill, *policy, *train_args, *again,
+                                  *variant_args(name, out)], log)
         schedule = []  # the checkpoint's own ulskip section
     else:
         schedule = ["--target-speedup", str(speedup), "--prefill", prefill, *policy]
@@ -161,7 +178,9 @@ def cmd_report(args):
         for r in sorted(rs, key=lambda r: (not r["fine_tuned"], r["target_speedup"], r["strategy"], r["prefill"])):
             s1, s16 = speed.get((r["kept"], 1)), speed.get((r["kept"], 16))
             pct = f"{100 * r['bleu'] / ft['bleu']:.0f}%" if ft and ft["bleu"] > 0 and r["fine_tuned"] else "-"
-            lines.append(f"| {lang} | {'fine-tuned' if r['fine_tuned'] else 'pretrained'} | {r['strategy']} | "
+            policy = r["strategy"] + {"": "", "kd": " + distillation", "emb": " + unfrozen embeddings"}[
+                r["name"].rsplit("-", 1)[-1] if r["name"].endswith(("-kd", "-emb")) else ""]
+            lines.append(f"| {lang} | {'fine-tuned' if r['fine_tuned'] else 'pretrained'} | {policy} | "
                          f"{r['target_speedup']:g} | {r['kept']}/{r['num_layers']} | {r['prefill']} | {r['bleu']:.1f} | "
                          f"{r['chrf']:.1f} | {r['perplexity']:.2f} | {pct} | "
                          f"{f'{s1[0]:.0f}' if s1 else '-'} | {f'{s16[0]:.0f}' if s16 else '-'} | "

@@ -98,6 +98,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "logging_steps", type=int, default=10, help="log the loss every this many steps, >= 1 "
          "(default %(default)s)")
     flag(p, "seed", type=int, default=42, help="seed of the data order and initialisation (default %(default)s)")
+    flag(p, "distill_from", default=None,
+         help="logit distillation: a fine-tuned full model (same tokenizer) whose next-token distribution the "
+              "skipped model also learns on the response tokens (default: none, labels only)")
+    flag(p, "distill_weight", type=float, default=0.5,
+         help="with --distill-from: weight w of the distillation term, loss = (1-w) CE + w KL, in (0, 1] "
+              "(default %(default)s)")
+    flag(p, "distill_temperature", type=float, default=1.0,
+         help="with --distill-from: softmax temperature of both distributions, > 0 (default %(default)s)")
     flag(p, "packing", action="store_true",
          help="padding-free rows: records packed into rows of up to --block-size tokens, attention and positions "
               "per record, the ULS semantics per record (Llama family; --per-device-train-batch-size then counts "

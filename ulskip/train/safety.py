@@ -105,6 +105,14 @@ def check_args(args) -> None:
     _need(0 <= args.seed < 2 ** 32, "seed", args.seed, "an integer in [0, 2**32) (default 42)")
     if args.strategy == "shortgpt" and not args.calibration:
         raise TrainError("--strategy shortgpt needs --calibration (the scores file of `ulskip calibrate`)")
+    if getattr(args, "distill_from", None):
+        check_model_folder(args.distill_from, "--distill-from")
+        _need(math.isfinite(args.distill_weight) and 0 < args.distill_weight <= 1, "distill-weight",
+              args.distill_weight, "a number in (0, 1] (default 0.5)")
+        _need(math.isfinite(args.distill_temperature) and args.distill_temperature > 0, "distill-temperature",
+              args.distill_temperature, "a finite number > 0 (default 1.0)")
+        if args.deepspeed:
+            raise TrainError("--distill-from is not supported with --deepspeed (the teacher is not partitioned)")
     if getattr(args, "packing", False) and args.streaming:
         raise TrainError("--packing packs the whole data set into rows up front; it cannot be combined with --streaming")
     _need(getattr(args, "skipdecode_horizon", 64) >= 2, "skipdecode-horizon", getattr(args, "skipdecode_horizon", 64),
@@ -145,17 +153,17 @@ def uses_loss_scaling(args) -> bool:
     return False
 
 
-def check_model_folder(path: str) -> None:
-    """ulskip train is offline-only: --model-name-or-path must be a local checkpoint folder."""
+def check_model_folder(path: str, flag: str = "--model-name-or-path") -> None:
+    """ulskip train is offline-only: the model (and a --distill-from teacher) is a local checkpoint folder."""
     if not os.path.isdir(path):
         what = "is a file, not a folder" if os.path.exists(path) else "no such folder"
-        raise TrainError(f"--model-name-or-path {path!r}: {what} (ulskip train loads local checkpoint folders "
+        raise TrainError(f"{flag} {path!r}: {what} (ulskip train loads local checkpoint folders "
                          "only, with config.json, weights and a tokenizer; it downloads nothing)")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise TrainError(f"--model-name-or-path {path!r}: no config.json in the folder (ulskip train needs a local "
+        raise TrainError(f"{flag} {path!r}: no config.json in the folder (ulskip train needs a local "
                          "checkpoint folder with config.json, weights and a tokenizer)")
     if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise TrainError(f"--model-name-or-path {path!r}: no tokenizer in the folder (none of "
+        raise TrainError(f"{flag} {path!r}: no tokenizer in the folder (none of "
                          f"{', '.join(TOKENIZER_FILES)}); ulskip train needs it to tokenize the data and saves it "
                          "with the model")
 

@@ -119,9 +119,20 @@ def build_trainer(args):
         model.get_input_embeddings().weight.requires_grad_(False)  # tied: the LM head is the same tensor
     apply_uls(model, target_speedup=args.target_speedup, strategy=args.strategy, prefill=args.prefill,
               layer_seed=args.layer_seed, block_influence=bi, skipdecode_horizon=args.skipdecode_horizon)
+    teacher = None
+    if args.distill_from:
+        # the teacher's logits on the response tokens are the student's second target: the fused loss, which
+        # never holds the student's logits, is off; the norm and activation kernels stay
+        teacher = AutoModelForCausalLM.from_pretrained(args.distill_from, dtype=dtype, local_files_only=True)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise TrainError(f"--distill-from {args.distill_from!r} has a vocabulary of {teacher.config.vocab_size}, "
+                             f"the model {model.config.vocab_size}: the teacher must share the tokenizer")
+        teacher.eval().requires_grad_(False)
     if args.use_fused_kernels:
         from ulskip.train.patching import patch_model
         kw = fused_patch_kwargs(args)
+        if teacher is not None:
+            kw["cross_entropy"] = False
         if not kw["cross_entropy"]:
             print("ulskip train: ZeRO-3: the fused linear cross-entropy is off (it reads the LM head outside "
                   "its forward); the norm and activation kernels are on", file=sys.stderr)
@@ -135,6 +146,9 @@ def build_trainer(args):
                                   callbacks=[safety_callback()(check_grad_norm=not uses_loss_scaling(args))])
     except (ValueError, ImportError) as e:
         raise TrainError(f"transformers refused the training set-up: {e}") from e
+    if teacher is not None:
+        trainer.teacher = teacher.to(trainer.args.device)
+        trainer.distill_weight, trainer.distill_temperature = args.distill_weight, args.distill_temperature
     return trainer, model, tokenizer
 
 
@@ -154,6 +168,24 @@ def trainer_class():
     from ulskip.train.safety import TMP_PREFIX, DivergedError, rotate_checkpoints
 
     class ULSTrainer(Trainer):
+        teacher = None           # --distill-from: the fine-tuned full model, frozen (ulskip/train/distill.py)
+        distill_weight, distill_temperature = 0.0, 1.0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.teacher is None:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            from ulskip.train.distill import distillation_loss
+            ce, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                               num_items_in_batch=num_items_in_batch)
+            keys = ("input_ids", "attention_mask", "position_ids")
+            with torch.no_grad():
+                teacher_logits = self.teacher(**{k: inputs[k] for k in keys if k in inputs}, use_cache=False).logits
+            kd = distillation_loss(outputs.logits, teacher_logits, inputs["labels"], self.distill_temperature,
+                                   num_items_in_batch)
+            loss = (1 - self.distill_weight) * ce + self.distill_weight * kd
+            return (loss, outputs) if return_outputs else loss
+
         def training_step(self, model, inputs, *args, **kwargs):
             loss = super().training_step(model, inputs, *args, **kwargs)
             # The loss is checked here, not in a callback: training_step returns each micro-batch's loss

@@ -1,0 +1,30 @@
+"""Logit distillation for skip-aware fine-tuning: the student (the model under its layer schedule) learns
+the fine-tuned full model's next-token distribution on the response tokens, beside the labels.
+
+loss = (1 - w) * CE(labels) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T)), the KL summed over
+the response positions and divided like the cross-entropy (by the tokens of the whole accumulated batch
+when transformers passes num_items_in_batch, else by this batch's). Hinton et al.'s T^2 keeps the
+gradient scale independent of the temperature.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float = 1.0, num_items_in_batch=None) -> torch.Tensor:
+    """student_logits, teacher_logits [B, T, V]; labels [B, T] (-100 where no loss): logits at position t
+    predict labels[t + 1], as transformers' causal-LM loss shifts them."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: the teacher must share the tokenizer and vocabulary")
+    mask = labels[:, 1:] != IGNORE_INDEX
+    s = student_logits[:, :-1][mask].float() / temperature
+    t = teacher_logits[:, :-1][mask].float() / temperature
+    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="sum")
+    denom = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+    denom = denom.to(kl.device) if torch.is_tensor(denom) else torch.tensor(float(denom), device=kl.device)
+    return kl * temperature ** 2 / denom.clamp(min=1)
