@@ -64,6 +64,28 @@ def test_ulskip_generate_runs_trained_schedule(trained, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["kept_layers"] == [0, 3] and out["prefill"] == "full" and isinstance(out["texts"][0], str)
 
+def _model_whose_layers_matter(family):
+    """A 6-layer tiny model with weights N(0, 0.08) (HF's small init makes skipped layers look alike)."""
+    model = make_model(family, num_layers=6, vocab_size=64, seed=7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and "ln" not in name:
+                p.normal_(0, 0.08)
+    return model
+
+
+def _assert_training_logits_equal_scores(m, prefix, resp, scores, row):
+    """The training forward of m over prefix + resp, at the response positions, == the engine's decode
+    scores of batch row `row` (one [rows, V] tensor per generated token)."""
+    assert len(resp) == len(scores)  # no early stop: every step is compared
+    ids = torch.tensor([prefix + resp])
+    labels = torch.full_like(ids, -100)
+    labels[0, len(prefix):] = ids[0, len(prefix):]
+    with torch.no_grad():
+        logits = m(input_ids=ids, labels=labels).logits[0]
+    for k in range(len(resp)):
+        assert torch.allclose(logits[len(prefix) - 1 + k], scores[k][row].float(), atol=1e-4), (row, k)
+
 
 @pytest.mark.parametrize("family,prefill", [("llama", "full"), ("llama", "skip"), ("bloom", "full"),
                                             ("bloom", "skip")])
@@ -74,11 +96,7 @@ def test_train_infer_consistency(tmp_path, family, prefill):
     from transformers import AutoModelForCausalLM
     from ulskip.train import apply_uls
 
-    model = make_model(family, num_layers=6, vocab_size=64, seed=7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name and "ln" not in name:
-                p.normal_(0, 0.08)
+    model = _model_whose_layers_matter(family)
     apply_uls(model, target_speedup=2, prefill=prefill)
     model.save_pretrained(tmp_path)
     eng = ulskip.Engine.from_pretrained(str(tmp_path), dtype=torch.float32)
@@ -90,14 +108,7 @@ def test_train_infer_consistency(tmp_path, family, prefill):
     assert len(resp) == n and len(out.scores) == n
     m = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     apply_uls(m, schedule=m.config.ulskip["kept_layers"], prefill=m.config.ulskip["prefill"])
-    ids = torch.tensor([prefix + resp])
-    labels = torch.full_like(ids, -100)
-    labels[0, len(prefix):] = ids[0, len(prefix):]
-    with torch.no_grad():
-        logits = m(input_ids=ids, labels=labels).logits[0]
-    P = len(prefix)
-    for k in range(n):
-        assert torch.allclose(logits[P - 1 + k], out.scores[k][0].float(), atol=1e-4), k
+    _assert_training_logits_equal_scores(m, prefix, resp, out.scores, 0)
 
 
 def test_resume_from_checkpoint(ckpt, data, tmp_path):
@@ -191,11 +202,7 @@ def test_train_infer_consistency_of_every_policy(tmp_path, family, prefill, stra
     from transformers import AutoModelForCausalLM
     from ulskip.train import apply_uls
 
-    model = make_model(family, num_layers=6, vocab_size=64, seed=7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name and "ln" not in name:
-                p.normal_(0, 0.08)
+    model = _model_whose_layers_matter(family)
     kw = dict(target_speedup=2, strategy=strategy, prefill=prefill, layer_seed=3,
               block_influence=[0.5, 0.1, 0.9, 0.2, 0.8, 0.3])
     kept = ulskip.uls_schedule(6, 2, strategy, seed=3, block_influence=kw["block_influence"])
@@ -210,13 +217,7 @@ def test_train_infer_consistency_of_every_policy(tmp_path, family, prefill, stra
     m = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     assert m.config.ulskip["strategy"] == strategy and m.config.ulskip["kept_layers"] == kept
     apply_uls(m, **kw)
-    ids = torch.tensor([prefix + resp])
-    labels = torch.full_like(ids, -100)
-    labels[0, len(prefix):] = ids[0, len(prefix):]
-    with torch.no_grad():
-        logits = m(input_ids=ids, labels=labels).logits[0]
-    for k in range(n):
-        assert torch.allclose(logits[len(prefix) - 1 + k], out.scores[k][0].float(), atol=1e-4), k
+    _assert_training_logits_equal_scores(m, prefix, resp, out.scores, 0)
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])
@@ -229,11 +230,7 @@ def test_train_infer_consistency_of_skipdecode(tmp_path, family):
     from ulskip.schedule import SkipDecode
     from ulskip.train import apply_uls
 
-    model = make_model(family, num_layers=6, vocab_size=64, seed=7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name and "ln" not in name:
-                p.normal_(0, 0.08)
+    model = _model_whose_layers_matter(family)
     apply_uls(model, target_speedup=2, strategy="skipdecode", skipdecode_horizon=4)  # a short response sees
     model.save_pretrained(tmp_path)                                                  # every depth
     eng = ulskip.Engine.from_pretrained(str(tmp_path), dtype=torch.float32)
@@ -244,14 +241,7 @@ def test_train_infer_consistency_of_skipdecode(tmp_path, family):
     m = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     apply_uls(m, target_speedup=2, strategy="skipdecode", skipdecode_horizon=4)
     for b, p in enumerate([prefix, prefix[:4]]):
-        resp = out.sequences[b]
-        ids = torch.tensor([p + resp])
-        labels = torch.full_like(ids, -100)
-        labels[0, len(p):] = ids[0, len(p):]
-        with torch.no_grad():
-            logits = m(input_ids=ids, labels=labels).logits[0]
-        for k in range(n):
-            assert torch.allclose(logits[len(p) - 1 + k], out.scores[k][b].float(), atol=1e-4), (b, k)
+        _assert_training_logits_equal_scores(m, p, out.sequences[b], out.scores, b)
     # and the depth schedule mattered: the static ULS schedule gives other scores
     static = ulskip.Engine.from_pretrained(str(tmp_path), target_speedup=2, dtype=torch.float32)
     assert not torch.allclose(static.generate([prefix], max_new_tokens=n, output_scores=True).scores[5][0],

@@ -140,7 +140,7 @@ def run(args) -> int:
 
     trainer = None
     try:
-        T.check_args(args)
+        safety.check_args(args)
         safety.check_model_folder(args.model_name_or_path)
         safety.check_output_dir(args)
         resume = T.resume_path(args)

@@ -43,12 +43,6 @@ def training_args(args):
     return TrainingArguments(**{k: v for k, v in kw.items() if k in fields})
 
 
-def check_args(args):
-    """The flag values (ulskip/train/safety.py: every number the Trainer would choke on, zero-step runs)."""
-    from ulskip.train.safety import check_args as check
-    check(args)
-
-
 def zero_stage(path) -> int:
     if not path:
         return 0
@@ -83,9 +77,9 @@ def build_trainer(args):
     from ulskip.train.apply_uls import apply_uls
     from ulskip.train.data import (PackedULSDataset, PackingCollator, StreamingULSDataset, ULSCollator, ULSDataset,
                                    resolve_files)
-    from ulskip.train.safety import TrainError, check_model_folder, uses_loss_scaling
+    from ulskip.train.safety import TrainError, check_args, check_model_folder, uses_loss_scaling
 
-    check_args(args)
+    check_args(args)  # again here: build_trainer is also called from Python, without the CLI's checks first
     check_model_folder(args.model_name_or_path)
     set_seed(args.seed)
     files = resolve_files(args.train_file)
