@@ -42,6 +42,7 @@ class Step:
     sin: torch.Tensor | None = None
     slopes: torch.Tensor | None = None      # [Hq] ALiBi slopes (Bloom)
     seq_lens: torch.Tensor | None = None    # decode: [B] keys visible to each new token (position + 1)
+    cache_row: int = 0                      # the batch rows are cache rows cache_row..cache_row+B-1
 
 
 def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: bool = True) -> torch.Tensor:
@@ -49,7 +50,7 @@ def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: 
     writes its k/v into the compact cache; decode attends over the cache, the prompt pass over its own
     keys. -> [B, T, Hq*D]"""
     B, T, Hq, D = q.shape
-    kv = step.cache.layer(layer, B) if step.cache is not None else None
+    kv = step.cache.layer(layer, B, step.cache_row) if step.cache is not None else None
     if step.decode:  # one fused kernel rotates q and k and writes k, v into the cache
         q = ops.rotary_cache_write(q, k, v, step.cos, step.sin, kv[0], kv[1], step.positions, rotary=rope)
         return ops.decode_attention(q[:, 0], kv[0], kv[1], step.seq_lens, scale, slopes).reshape(B, 1, Hq * D)

@@ -29,10 +29,11 @@ class CompactKVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def layer(self, layer: int, batch: int):
-        """(k, v) views [batch, Hkv, S, D] of one kept layer, or None for a layer that is not cached."""
+    def layer(self, layer: int, batch: int, start: int = 0):
+        """(k, v) views [batch, Hkv, S, D] of one kept layer (cache rows start..start+batch-1), or None for
+        a layer that is not cached."""
         i = self.slot.get(layer)
-        return None if i is None else (self.k[i, :batch], self.v[i, :batch])
+        return None if i is None else (self.k[i, start:start + batch], self.v[i, start:start + batch])
 
     def reorder_(self, index: torch.Tensor, length: int) -> None:
         """Beam search: row b of the cache becomes old row index[b] (rows 0..len(index)-1); only the

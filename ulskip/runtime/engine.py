@@ -24,6 +24,7 @@ from ulskip.runtime.generation import GenerationConfig
 from ulskip.runtime.graphs import DecodeGraphs, PrefillGraphs
 from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
+from ulskip.runtime.text import IncrementalText, check_stop, find_stop
 from ulskip.schedule import check_prefill, make_plan
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -36,6 +37,16 @@ class GenerationOutput:
     sequences: list[list[int]]                      # new tokens per prompt, up to and including EOS
     scores: list[torch.Tensor] | None = None        # per step: [rows, V] fp32 logits before sampling
     texts: list[str] | None = field(default=None)   # decoded sequences, when a tokenizer is present
+    finish_reasons: list[str] | None = None         # per prompt: "stop" (EOS or a stop string) or "length"
+
+
+@dataclass
+class TokenEvent:
+    """One new token of one sequence, as Engine.stream hands it out."""
+    index: int                  # which prompt
+    token_id: int
+    text: str                   # the new text ("" while a multi-token character is incomplete)
+    finish_reason: str | None   # on the sequence's last event: "stop" (EOS or a stop string) or "length"
 
 
 def _parse_dtype(dtype):
@@ -186,11 +197,21 @@ class Engine:
             return self.prefill_graphs(tokens, lengths)
         return self._prefill_eager(tokens, lengths)
 
-    def _prefill_eager(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _prefill_eager(self, tokens: torch.Tensor, lengths: torch.Tensor, cache_row: int = 0) -> torch.Tensor:
         B, T = tokens.shape
         positions = torch.arange(T, device=self.device).expand(B, T)
-        step = Step(positions=positions, cache=self.cache, decode=False)
+        step = Step(positions=positions, cache=self.cache, decode=False, cache_row=cache_row)
         return self.model(tokens, step, self.prefill_layers, last_index=lengths - 1)
+
+    @torch.inference_mode()
+    def prefill_row(self, prompt: list[int], row: int) -> torch.Tensor:
+        """The prompt pass of one sequence into cache row `row` (continuous batching: the other rows keep
+        their sequences) -> fp32 logits [1, V] of its last token. Eager: the prompt-pass graphs write rows
+        from 0."""
+        if not 0 <= row < self.max_batch_size:
+            raise ValueError(f"cache row {row} outside [0, {self.max_batch_size})")
+        tokens = torch.tensor([prompt], device=self.device)
+        return self._prefill_eager(tokens, torch.tensor([len(prompt)], device=self.device), cache_row=row)
 
     def step_layers(self, j: int) -> tuple[int, ...]:
         """The layers response token j (0 = the first generated token, the first decode step's input) runs."""
@@ -252,39 +273,142 @@ class Engine:
     def generate(self, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, num_beams: int = 1, eos_token_id=None, seed=None,
                  output_scores: bool = False, length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-                 no_repeat_ngram_size: int = 0) -> GenerationOutput:
+                 no_repeat_ngram_size: int = 0, stop=None) -> GenerationOutput:
+        """Generate for a batch of prompts (strings or token ids). stop: strings that end a sequence once
+        its generated text contains one (transformers' stop_strings: the sequence keeps the token that
+        completed it)."""
+        prompts, gen, stops = self._setup(prompts, locals())
+        logits, lengths, history = self._start(prompts, gen)
+        if gen.num_beams > 1:
+            seqs, scores = beam_search(self, logits, lengths, gen, history)
+            reasons = None
+        elif stops:
+            seqs, reasons = [[] for _ in prompts], [None] * len(prompts)
+            for ev in self._host_loop(logits, lengths, gen, history, stops):
+                seqs[ev.index].append(ev.token_id)
+                reasons[ev.index] = ev.finish_reason or reasons[ev.index]
+            scores = None
+        else:
+            seqs, scores = self._sample_loop(logits, lengths, gen, history)
+            reasons = ["stop" if s and s[-1] in gen.eos_ids else "length" for s in seqs]
+        texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs] if self.tokenizer else None
+        return GenerationOutput(sequences=seqs, scores=scores, texts=texts, finish_reasons=reasons)
+
+    @torch.inference_mode()
+    def stream(self, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, eos_token_id=None, seed=None, repetition_penalty: float = 1.0,
+               no_repeat_ngram_size: int = 0, stop=None):
+        """generate() as it happens: yields a TokenEvent per new token of each sequence, step by step (the
+        same tokens generate() returns). Text pieces need the checkpoint's tokenizer; without one they are ""."""
+        prompts, gen, stops = self._setup(prompts, locals())
+        logits, lengths, history = self._start(prompts, gen)
+        yield from self._host_loop(logits, lengths, gen, history, stops)
+
+    def chat_prompt(self, messages) -> list[int]:
+        """One conversation ([{"role": ..., "content": ...}, ...]) -> prompt token ids through the
+        checkpoint's chat template, ending with the assistant's turn opened."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat needs a tokenizer with a chat template in the checkpoint folder (none found); "
+                             "pass a plain prompt instead")
+        if not isinstance(messages, (list, tuple)) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str} dicts, got "
+                             f"{messages!r}"[:300])
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat(self, messages, **kwargs) -> GenerationOutput:
+        """generate() on conversations: one list of messages, or a list of such lists (a batch)."""
+        batch = messages if messages and isinstance(messages, (list, tuple)) and isinstance(messages[0], (list, tuple)) \
+            else [messages]
+        return self.generate([self.chat_prompt(m) for m in batch], **kwargs)
+
+    def _setup(self, prompts, call: dict):
+        """Check one generate / stream call's arguments (nothing runs before they are all valid)."""
         prompts = self._encode(prompts)
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                               top_k=top_k, top_p=top_p, num_beams=num_beams, eos_token_id=eos_token_id,
-                               seed=seed, output_scores=output_scores, length_penalty=length_penalty,
-                               repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+        stops = check_stop(call.get("stop"))
+        keys = [k for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams",
+                            "eos_token_id", "seed", "output_scores", "length_penalty", "repetition_penalty",
+                            "no_repeat_ngram_size") if k in call]
+        gen = GenerationConfig(**{k: call[k] for k in keys})
         gen.check_vocab(self.cfg.vocab_size)
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need the checkpoint's tokenizer (none found); use eos_token_id instead")
+        if stops and gen.num_beams > 1:
+            raise ValueError("stop strings with beam search are not supported; use num_beams=1")
+        if stops and gen.output_scores:
+            raise ValueError("output_scores with stop strings is not supported")
         rows = len(prompts) * gen.num_beams
         if rows > self.max_batch_size:
             raise ValueError(f"{len(prompts)} prompts x {gen.num_beams} beams = {rows} rows exceed max_batch_size="
                              f"{self.max_batch_size}; build the Engine with a larger max_batch_size")
-        longest, max_new_tokens = max(len(p) for p in prompts), gen.max_new_tokens
-        if longest + max_new_tokens > self.max_seq_len:
-            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = "
-                             f"{longest + max_new_tokens} exceeds max_seq_len={self.max_seq_len}")
+        longest = max(len(p) for p in prompts)
+        if longest + gen.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {gen.max_new_tokens} = "
+                             f"{longest + gen.max_new_tokens} exceeds max_seq_len={self.max_seq_len}")
+        return prompts, gen, stops
 
+    def _start(self, prompts, gen: GenerationConfig):
+        """The batch's prompt pass -> (logits of each prompt's last token, lengths, penalty history)."""
+        longest = max(len(p) for p in prompts)
         # built on the host, then one copy each (a copy per prompt costs ~10 us apiece at batch 64)
         lengths = torch.tensor([len(p) for p in prompts]).to(self.device)
         tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompts]).to(self.device)
         logits = self.prefill(tokens, lengths)
-        history = TokenHistory(tokens, lengths, max_new_tokens) if gen.penalized else None
-        if gen.num_beams > 1:
-            seqs, scores = beam_search(self, logits, lengths, gen, history)
-        else:
-            seqs, scores = self._sample_loop(logits, lengths, gen, history)
-        texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs] if self.tokenizer else None
-        return GenerationOutput(sequences=seqs, scores=scores, texts=texts)
+        history = TokenHistory(tokens, lengths, gen.max_new_tokens) if gen.penalized else None
+        return logits, lengths, history
+
+    def _next_tokens(self, logits, gen: GenerationConfig, history, rng) -> torch.Tensor:
+        if history is not None:  # in place: logits is this step's buffer, rewritten by the next step
+            apply_penalties_(logits, history, gen.repetition_penalty, gen.no_repeat_ngram_size)
+        if gen.do_sample:
+            return sample(logits, gen.temperature, gen.top_k, gen.top_p, rng)
+        return torch.argmax(logits, dim=-1)
+
+    def _rng(self, gen: GenerationConfig):
+        if gen.do_sample and gen.seed is not None:
+            return torch.Generator(device=self.device).manual_seed(gen.seed)
+        return None
+
+    def _host_loop(self, logits, lengths, gen: GenerationConfig, history, stops):
+        """The decode loop with each step's tokens on the host (one sync per step): streaming and stop
+        strings. Yields a TokenEvent per live sequence and step; a finished sequence's row keeps running
+        (the batch is one static program) and its tokens are dropped."""
+        B, eos, rng = logits.shape[0], set(gen.eos_ids), self._rng(gen)
+        texts = [IncrementalText(self.tokenizer) for _ in range(B)] if self.tokenizer is not None else None
+        done = [False] * B
+        positions = lengths.clone()
+        for t in range(gen.max_new_tokens):
+            nxt = self._next_tokens(logits, gen, history, rng)
+            if history is not None:
+                history.append(nxt)
+            for r, tok in enumerate(nxt.tolist()):
+                if done[r]:
+                    continue
+                piece, reason = "", None
+                if texts is not None:
+                    before = len(texts[r].text)
+                    piece = texts[r].push(tok)
+                    if stops and find_stop(texts[r].text, stops, before) is not None:
+                        reason = "stop"
+                if tok in eos:
+                    reason = "stop"
+                elif reason is None and t == gen.max_new_tokens - 1:
+                    reason = "length"
+                if reason is not None:
+                    done[r] = True
+                    if texts is not None:
+                        piece += texts[r].flush()
+                yield TokenEvent(r, tok, piece, reason)
+            if all(done):
+                return
+            logits = self.decode(nxt, positions, layers=self.step_layers(t))
+            positions += 1
 
     def _sample_loop(self, logits, lengths, gen: GenerationConfig, history: TokenHistory | None):
         B, max_new_tokens, eos, output_scores = logits.shape[0], gen.max_new_tokens, gen.eos_ids, gen.output_scores
-        rng = None
-        if gen.do_sample and gen.seed is not None:
-            rng = torch.Generator(device=self.device).manual_seed(gen.seed)
+        rng = self._rng(gen)
         eos_t = torch.tensor(eos, device=self.device, dtype=torch.long)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
@@ -294,12 +418,7 @@ class Engine:
         for t in range(max_new_tokens):
             if output_scores:
                 scores.append(logits.clone())
-            if history is not None:  # in place: logits is this step's buffer, rewritten by the next step
-                apply_penalties_(logits, history, gen.repetition_penalty, gen.no_repeat_ngram_size)
-            if gen.do_sample:
-                nxt = sample(logits, gen.temperature, gen.top_k, gen.top_p, rng)
-            else:
-                nxt = torch.argmax(logits, dim=-1)
+            nxt = self._next_tokens(logits, gen, history, rng)
             if len(eos):
                 nxt = torch.where(finished, eos_t[0], nxt)
                 finished |= torch.isin(nxt, eos_t)
