@@ -1,0 +1,213 @@
+"""Continuous batching (ulskip/runtime/scheduler.py): every request gets what generate gives it alone."""
+import random
+import threading
+
+import pytest
+
+from ulskip import Engine
+from ulskip.runtime.scheduler import Closed, QueueFull, Scheduler
+from helpers import make_checkpoint
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "bloom"])
+def eng(request, tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, num_layers=6, seed=2)
+    return Engine.from_pretrained(path, target_speedup=2, dtype="float32", device="cpu", max_batch_size=4,
+                                  max_seq_len=48)
+
+
+def collect():
+    """An emit callback and what it gathered: tokens, text pieces, the finish reason."""
+    got = {"tokens": [], "text": "", "reason": None, "events": 0}
+
+    def emit(ev):
+        assert got["reason"] is None, "an event after the last"
+        got["tokens"] += ev.token_ids
+        got["text"] += ev.text
+        got["reason"] = ev.finish_reason
+        got["events"] += 1
+    return got, emit
+
+
+def run(sched):
+    while sched.step():
+        pass
+
+
+def prompts(n, vocab, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(rng.randint(1, 12))] for _ in range(n)]
+
+
+def test_joining_and_leaving_gives_each_request_its_own_output(eng):
+    sched = Scheduler(eng)
+    rng = random.Random(1)
+    reqs = []
+    for p in prompts(11, eng.cfg.vocab_size):  # 11 requests, 4 rows: they join as others leave
+        got, emit = collect()
+        n = rng.randint(1, 14)
+        sched.request(p, emit, max_new_tokens=n, eos_token_id=[])
+        reqs.append((p, n, got))
+    run(sched)
+    assert sched.busy == 0 and not sched.waiting
+    for p, n, got in reqs:
+        alone = eng.generate([p], max_new_tokens=n).sequences[0]
+        assert got["tokens"] == alone and got["reason"] == "length"
+    assert sched.steps < sum(n for _, n, _ in reqs)  # rows ran together
+
+
+def test_requests_arriving_mid_run(eng):
+    sched = Scheduler(eng)
+    ps = prompts(6, eng.cfg.vocab_size, seed=3)
+    outs = []
+    for i, p in enumerate(ps):
+        got, emit = collect()
+        sched.request(p, emit, max_new_tokens=9)
+        outs.append((p, got))
+        for _ in range(i % 3):  # a few decode steps between arrivals
+            sched.step()
+    run(sched)
+    for p, got in outs:
+        assert got["tokens"] == eng.generate([p], max_new_tokens=9, eos_token_id=eng.tokenizer.eos_token_id).sequences[0]
+
+
+def test_per_request_sampling_parameters(eng):
+    sched = Scheduler(eng)
+    ps = prompts(4, eng.cfg.vocab_size, seed=4)
+    settings = [dict(temperature=0.7, seed=11), dict(temperature=0), dict(temperature=1.3, top_k=5, seed=3),
+                dict(temperature=0.9, top_p=0.8, seed=7, repetition_penalty=1.5)]
+    outs = []
+    for p, s in zip(ps, settings):
+        got, emit = collect()
+        sched.request(p, emit, max_new_tokens=10, **s)
+        outs.append((p, s, got))
+    run(sched)
+    for p, s, got in outs:
+        t = s.get("temperature")
+        kw = dict(do_sample=bool(t), temperature=t or 1.0, top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
+                  seed=s.get("seed"), repetition_penalty=s.get("repetition_penalty", 1.0),
+                  eos_token_id=eng.tokenizer.eos_token_id)
+        assert got["tokens"] == eng.generate([p], max_new_tokens=10, **kw).sequences[0], s
+
+
+def test_stop_string_is_cut_from_the_text(eng):
+    p = "question : where is paris ? answer :"
+    alone = eng.generate([p], max_new_tokens=12, no_repeat_ngram_size=1)
+    text = alone.texts[0]  # (the n-gram ban keeps a random model from repeating one token)
+    k = next(k for k in range(3, len(text) - 3) if text.find(text[k:k + 3]) == k)
+    stop = text[k:k + 3]
+    sched = Scheduler(eng)
+    got, emit = collect()
+    sched.request(p, emit, max_new_tokens=12, stop=[stop], no_repeat_ngram_size=1)
+    run(sched)
+    assert got["reason"] == "stop" and got["text"] == text[:k]
+    assert got["tokens"] == eng.generate([p], max_new_tokens=12, stop=[stop], no_repeat_ngram_size=1).sequences[0]
+
+
+def test_cancel_frees_the_row_and_spares_the_others(eng):
+    sched = Scheduler(eng)
+    ps = prompts(3, eng.cfg.vocab_size, seed=5)
+    gots = []
+    reqs = []
+    for p in ps:
+        got, emit = collect()
+        reqs.append(sched.request(p, emit, max_new_tokens=12, eos_token_id=[]))
+        gots.append(got)
+    for _ in range(3):
+        sched.step()
+    sched.cancel(reqs[1])
+    sched.step()
+    assert sched.rows[1] is None and gots[1]["reason"] == "cancelled" and len(gots[1]["tokens"]) == 4
+    run(sched)
+    for i in (0, 2):
+        assert gots[i]["tokens"] == eng.generate([ps[i]], max_new_tokens=12).sequences[0]
+    # a cancelled request that still waits never runs
+    got, emit = collect()
+    r = sched.request(ps[0], emit, max_new_tokens=3)
+    sched.cancel(r)
+    run(sched)
+    assert got["reason"] == "cancelled" and got["tokens"] == []
+
+
+def test_a_failing_consumer_is_dropped_alone(eng):
+    sched = Scheduler(eng)
+    got, emit = collect()
+
+    def bad(ev):
+        raise RuntimeError("client went away")
+    sched.request([5, 6, 7], bad, max_new_tokens=5)
+    sched.request([5, 6, 7], emit, max_new_tokens=5, eos_token_id=[])
+    run(sched)
+    assert got["tokens"] == eng.generate([[5, 6, 7]], max_new_tokens=5).sequences[0]
+
+
+def test_queue_bound_and_shutdown(eng):
+    sched = Scheduler(eng, max_queue=2)
+    for _ in range(2):
+        sched.request([5], collect()[1], max_new_tokens=2)
+    with pytest.raises(QueueFull, match="queue is full"):
+        sched.request([5], collect()[1], max_new_tokens=2)
+    run(sched)
+    sched.close()
+    with pytest.raises(Closed):
+        sched.request([5], collect()[1], max_new_tokens=2)
+
+
+def test_threaded_clients(eng):
+    sched = Scheduler(eng)
+    sched.start()
+    ps = prompts(8, eng.cfg.vocab_size, seed=6)
+    results = [None] * len(ps)
+    done = [threading.Event() for _ in ps]
+
+    def client(i):
+        got, emit = collect()
+
+        def on(ev):
+            emit(ev)
+            if ev.finish_reason:
+                results[i] = got["tokens"]
+                done[i].set()
+        sched.request(ps[i], on, max_new_tokens=7, eos_token_id=[])
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(ps))]
+    for t in threads:
+        t.start()
+    for d in done:
+        assert d.wait(60)
+    sched.close()
+    for p, r in zip(ps, results):
+        assert r == eng.generate([p], max_new_tokens=7).sequences[0]
+
+
+def test_close_cancels_what_waits_and_finishes_what_runs(eng):
+    sched = Scheduler(eng)
+    gots = []
+    for p in prompts(6, eng.cfg.vocab_size, seed=7):
+        got, emit = collect()
+        sched.request(p, emit, max_new_tokens=5, eos_token_id=[])
+        gots.append(got)
+    sched.step()  # 4 running, 2 waiting
+    sched.start()
+    sched.close()
+    assert [g["reason"] for g in gots] == ["length"] * 4 + ["cancelled"] * 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1), "temperature must be a number >= 0"), (dict(temperature=1, top_p=0), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=48), "exceeds max_seq_len=48"),
+    (dict(stop=[""]), "non-empty"), (dict(seed="x"), "seed"), (dict(eos_token_id=10 ** 6), "outside the vocabulary"),
+])
+def test_bad_requests(eng, kwargs, match):
+    sched = Scheduler(eng)
+    with pytest.raises(ValueError, match=match):
+        sched.request([5, 6], collect()[1], **kwargs)
+    assert not sched.waiting
+
+
+def test_refusals(eng, tmp_path):
+    with pytest.raises(ValueError, match="max_queue must be a positive integer"):
+        Scheduler(eng, max_queue=0)
+    path = make_checkpoint(tmp_path / "sd", "llama", num_layers=6)
+    sd = Engine.from_pretrained(path, target_speedup=2, strategy="skipdecode", device="cpu")
+    with pytest.raises(ValueError, match="SkipDecode"):
+        Scheduler(sd)

@@ -1,0 +1,320 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+Every sequence runs the same kept layers, so a sequence joining or leaving never changes the decode
+program: each request holds one row of the engine's static compact cache with its own position, the
+decode step runs rows 0..n-1 (n = the highest busy row + 1, rounded up to a captured batch bucket), and
+a free row's lane computes nothing anyone reads. A new request's prompt pass runs between two decode
+steps, into its row only (Engine.prefill_row). Admission is first come, first served, into the lowest
+free row (which keeps n small); the queue is bounded.
+
+The scheduler owns its engine: one thread (`start()`, or a caller of `step()`) drives it, and nothing else
+may run the engine meanwhile. Requests are submitted from any thread; their tokens come back through
+each request's `emit` callback, called on the scheduler's thread.
+
+Output semantics are the server's (OpenAI's): a stop string ends the request and is not part of its
+text; text that could be the start of a stop string is held back until it is known not to be one. The
+token ids are those Engine.generate gives the prompt alone (greedy; and seeded sampling, which draws
+from the request's own generator).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ulskip.runtime.generation import GenerationConfig
+from ulskip.runtime.penalties import TokenHistory, apply_penalties_
+from ulskip.runtime.sampling import sample
+from ulskip.runtime.text import IncrementalText, check_stop, find_stop
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: try again later (HTTP 429)."""
+
+
+class Closed(RuntimeError):
+    """The scheduler is shutting down and admits nothing (HTTP 503)."""
+
+
+@dataclass
+class Event:
+    """What a request's emit callback receives: new text and tokens, and on the last event why it ended."""
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    gen: GenerationConfig
+    stops: list[str]
+    emit: Callable[[Event], None]
+    id: int = 0
+    # state, owned by the scheduler's thread
+    row: int | None = None
+    position: int = 0                 # where the next token's K/V goes (= tokens in the cache)
+    last: int = 0                     # the newest token, the next decode step's input
+    tokens: list[int] = field(default_factory=list)
+    text: IncrementalText | None = None
+    sent: int = 0                     # characters of text handed out
+    rng: torch.Generator | None = None
+    history: TokenHistory | None = None
+    cancelled: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string."""
+    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
+
+
+class Scheduler:
+    def __init__(self, engine, max_queue: int = 256):
+        if engine.skipdecode is not None:
+            raise ValueError("continuous batching needs one layer set for every sequence; SkipDecode's depth "
+                             "depends on each sequence's step (serve a static schedule)")
+        if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
+            raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
+        self.engine, self.max_queue = engine, max_queue
+        self.rows: list[Request | None] = [None] * engine.max_batch_size
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.cond = threading.Condition()
+        self.closed = False
+        self._stop_thread = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self.steps = 0  # decode steps run (for tests and the load test's report)
+
+    # ------------------------------------------------------------------ any thread
+    def request(self, prompt, emit: Callable[[Event], None], max_new_tokens: int = 16, temperature: float = 0.0,
+                top_k: int = 0, top_p: float = 1.0, seed=None, stop=None, eos_token_id=None,
+                repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> Request:
+        """Check one request (temperature 0 = greedy) and queue it. Raises ValueError for bad values,
+        QueueFull when the queue is at its bound, Closed while shutting down."""
+        e = self.engine
+        (prompt,) = e._encode([prompt])
+        if eos_token_id is None and e.tokenizer is not None:
+            eos_token_id = e.tokenizer.eos_token_id
+        if temperature is None:
+            temperature = 0.0
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                               temperature=temperature if temperature > 0 else 1.0, top_k=top_k, top_p=top_p,
+                               seed=seed, eos_token_id=eos_token_id, repetition_penalty=repetition_penalty,
+                               no_repeat_ngram_size=no_repeat_ngram_size)
+        gen.check_vocab(e.cfg.vocab_size)
+        stops = check_stop(stop)
+        if stops and e.tokenizer is None:
+            raise ValueError("stop strings need the checkpoint's tokenizer (none found)")
+        if len(prompt) + gen.max_new_tokens > e.max_seq_len:
+            raise ValueError(f"prompt length {len(prompt)} + max_new_tokens {gen.max_new_tokens} = "
+                             f"{len(prompt) + gen.max_new_tokens} exceeds max_seq_len={e.max_seq_len}")
+        req = Request(prompt, gen, stops, emit)
+        with self.cond:
+            if self.closed:
+                raise Closed("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            req.id = next(self._ids)
+            self.waiting.append(req)
+            self.cond.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (its client went away): its row is freed before the next decode step."""
+        with self.cond:
+            req.cancelled = True
+            self.cond.notify()
+
+    def start(self) -> None:
+        """Run the scheduler on its own thread until close()."""
+        self._thread = threading.Thread(target=self._loop, name="ulskip-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Admit nothing more, cancel what waits, let running requests finish (up to `timeout` seconds;
+        then they are cancelled), and stop the thread."""
+        with self.cond:
+            self.closed = True
+            while self.waiting:
+                self._finish(self.waiting.popleft(), "cancelled")
+            self.cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            with self.cond:
+                self._stop_thread = True
+                for r in self.rows:
+                    if r is not None:
+                        r.cancelled = True
+                self.cond.notify()
+            self._thread.join()
+
+    @property
+    def busy(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    # ------------------------------------------------------------------ the scheduler's thread
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not (self._stop_thread or self.closed or self.waiting or self.busy):
+                        self.cond.wait()
+                    if self._stop_thread or (self.closed and not self.waiting and not self.busy):
+                        self._drop_cancelled()
+                        return
+                self.step()
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One round: free cancelled rows, admit waiting requests into free rows (their prompt passes),
+        then one decode step for every busy row. Returns whether any request is still running or waiting."""
+        with self.cond:
+            self._drop_cancelled()
+            admit = []
+            while self.waiting and None in self.rows:
+                req = self.waiting.popleft()
+                req.row = self.rows.index(None)
+                self.rows[req.row] = req
+                admit.append(req)
+        for req in admit:
+            self._admit(req)
+        busy = [r for r in self.rows if r is not None]
+        if busy:
+            self._decode(busy)
+        with self.cond:
+            return bool(self.waiting) or any(self.rows)
+
+    def _drop_cancelled(self) -> None:
+        for i, r in enumerate(self.rows):
+            if r is not None and r.cancelled:
+                self.rows[i] = None
+                self._finish(r, "cancelled")
+        kept = [r for r in self.waiting if not r.cancelled]
+        for r in self.waiting:
+            if r.cancelled:
+                self._finish(r, "cancelled")
+        self.waiting = collections.deque(kept)
+
+    def _admit(self, req: Request) -> None:
+        e = self.engine
+        try:
+            logits = e.prefill_row(req.prompt, req.row)
+            if req.gen.do_sample and req.gen.seed is not None:
+                req.rng = torch.Generator(device=e.device).manual_seed(req.gen.seed)
+            if req.gen.penalized:
+                req.history = TokenHistory(torch.tensor([req.prompt], device=e.device),
+                                           torch.tensor([len(req.prompt)], device=e.device), req.gen.max_new_tokens)
+            if e.tokenizer is not None:
+                req.text = IncrementalText(e.tokenizer)
+            req.position = len(req.prompt)
+            self._pick([req], logits, {req.row: 0})
+        except Exception as exc:  # one request's failure must not take the others down
+            self._fail([req], exc)
+
+    def _decode(self, busy: list[Request]) -> None:
+        e = self.engine
+        n = max(r.row for r in busy) + 1
+        tokens = [0] * n
+        positions = [0] * n  # a free row below n decodes token 0 at its position 0: nothing reads it
+        for r in busy:
+            tokens[r.row], positions[r.row] = r.last, r.position
+        try:
+            logits = e.decode(torch.tensor(tokens, device=e.device), torch.tensor(positions, device=e.device))
+            self.steps += 1
+            for r in busy:
+                r.position += 1
+            self._pick(busy, logits, {r.row: r.row for r in busy})
+        except Exception as exc:
+            self._fail(busy, exc)
+
+    def _pick(self, reqs: list[Request], logits: torch.Tensor, where: dict[int, int]) -> None:
+        """Each request's next token from its logits row (penalties, then greedy or its own sampler)."""
+        for r in reqs:
+            if r.history is not None:
+                i = where[r.row]
+                apply_penalties_(logits[i:i + 1], r.history, r.gen.repetition_penalty, r.gen.no_repeat_ngram_size)
+        greedy = torch.argmax(logits, dim=-1)
+        chosen = {}
+        for r in reqs:
+            i = where[r.row]
+            if r.gen.do_sample:
+                chosen[r.row] = sample(logits[i:i + 1], r.gen.temperature, r.gen.top_k, r.gen.top_p, r.rng)[0]
+            else:
+                chosen[r.row] = greedy[i]
+        values = torch.stack([chosen[r.row] for r in reqs]).tolist()  # the step's one host sync
+        for r, tok in zip(reqs, values):
+            self._push(r, tok)
+
+    def _push(self, r: Request, tok: int) -> None:
+        r.tokens.append(tok)
+        r.last = tok
+        if r.history is not None:
+            r.history.append(torch.tensor([tok], device=self.engine.device))
+        reason, text = None, ""
+        if r.text is not None:
+            before = len(r.text.text)
+            r.text.push(tok)
+            full = r.text.text
+            cut = find_stop(full, r.stops, before) if r.stops else None
+            if cut is not None:
+                reason, text = "stop", full[r.sent:cut]
+                r.sent = cut
+        if reason is None:
+            if tok in r.gen.eos_ids:
+                reason = "stop"
+            elif len(r.tokens) >= r.gen.max_new_tokens:
+                reason = "length"
+            if r.text is not None:
+                if reason is not None:
+                    r.text.flush()
+                    safe = len(r.text.text)
+                else:
+                    safe = len(r.text.text) - (_held_back(r.text.text, r.stops) if r.stops else 0)
+                if safe > r.sent:
+                    text, r.sent = r.text.text[r.sent:safe], safe
+        self._emit(r, Event([tok], text, reason))
+        if reason is not None:
+            r.finish_reason = reason
+            self._free(r)
+
+    def _free(self, r: Request) -> None:
+        with self.cond:
+            if r.row is not None and self.rows[r.row] is r:
+                self.rows[r.row] = None
+
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+        if r.done:
+            return
+        r.finish_reason = reason
+        self._emit(r, Event([], "", reason, error))
+
+    @staticmethod
+    def _emit(r: Request, ev: Event) -> None:
+        try:
+            r.emit(ev)
+        except Exception:  # a consumer that fails must not stop the others: drop its request
+            traceback.print_exc()
+            r.cancelled = True
+
+    def _fail(self, reqs: list[Request], exc: Exception) -> None:
+        msg = f"{type(exc).__name__}: {exc}"
+        for r in reqs:
+            self._free(r)
+            self._finish(r, "error", msg)
