@@ -31,6 +31,8 @@ SUBCOMMANDS = {
     "eval": ("ulskip.cli.eval", "quality of a checkpoint under a schedule: BLEU, chrF, perplexity, tokens/s"),
     "bench": ("ulskip.cli.bench", "throughput against Hugging Face baselines, with roofline"),
     "train": ("ulskip.cli.train", "fine-tune a Hugging Face model with the ULS schedule"),
+    "serve": ("ulskip.cli.serve", "an OpenAI-compatible HTTP server with continuous batching"),
+    "export": ("ulskip.cli.export", "a prefill-\"skip\" checkpoint as a plain Hugging Face model of its kept layers"),
 }
 
 # OSError covers FileNotFoundError, NotADirectoryError, PermissionError; ValueError covers DataError

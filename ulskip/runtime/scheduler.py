@@ -99,6 +99,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self.steps = 0  # decode steps run (for tests and the load test's report)
+        self.finished = collections.Counter()  # requests ended, by finish reason
 
     # ------------------------------------------------------------------ any thread
     def request(self, prompt, emit: Callable[[Event], None], max_new_tokens: int = 16, temperature: float = 0.0,
@@ -292,6 +293,7 @@ class Scheduler:
         self._emit(r, Event([tok], text, reason))
         if reason is not None:
             r.finish_reason = reason
+            self.finished[reason] += 1
             self._free(r)
 
     def _free(self, r: Request) -> None:
@@ -303,6 +305,7 @@ class Scheduler:
         if r.done:
             return
         r.finish_reason = reason
+        self.finished[reason] += 1
         self._emit(r, Event([], "", reason, error))
 
     @staticmethod

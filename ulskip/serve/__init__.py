@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`ulskip serve`): FastAPI routes over the continuous-batching scheduler."""
