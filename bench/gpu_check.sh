@@ -5,7 +5,7 @@
 # gemv = Triton GEMV vs cuBLAS probe, gemvf = the fused batch-1 GEMV of kernels/gemv.py with a config sweep
 # (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile,
 # quick/bloomu = ulskip rows only, to merge with earlier baseline rows: ulskip bench --merge;
-# quick1/bloomu1 = the same at batch 1 only; old1 = build + quick1 of an older checkout unpacked in .old/
+# quick1/bloomu1 = the same at batch 1 only; serve = continuous batching on the GPU + the serving load test; old1 = build + quick1 of an older checkout unpacked in .old/
 # (git archive REV | tar -x -C .old, carried), to compare speed before and after a change in one sitting)
 # Every stage logs to $OUT/<stage>.log; the summary table comes last.
 set -uo pipefail
@@ -48,6 +48,7 @@ for s in "${STAGES[@]}"; do
     train)  stage train 60 "python3 -m ulskip.bench.train --out $OUT/train_bench.json" ;;
     train2) stage train2 150 "CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 -m ulskip.bench.train --out $OUT/train_bench_x2.json" ;;
     old1)   stage old1 300 "cd .old && OUT=$OUT/old bash bench/gpu_check.sh build quick1" ;;
+    serve)  stage serve 200 "python3 -m pytest -q -m gpu tests/runtime/test_engine_gpu.py -k continuous && python3 -m ulskip.bench.serve_load --model llama-2-7b --target-speedup 2 --max-batch-size 16 --concurrency 1,4,16 --json $OUT/serve_load.json" ;;
     prof)   stage prof 120 "python3 -m ulskip.bench.profile_decode" ;;
     gemv)   stage gemv 150 "python3 -m ulskip.bench.gemv_probe" ;;
     gemvf)  stage gemvf 300 "python3 -m ulskip.bench.gemv_probe --fused" ;;

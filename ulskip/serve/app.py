@@ -111,7 +111,8 @@ def build_app(engine, model_name: str, max_queue: int = 256, shutdown_timeout: f
                                        max_new_tokens=max_tokens, temperature=temperature, top_k=req.top_k,
                                        top_p=req.top_p, seed=req.seed, stop=req.stop,
                                        repetition_penalty=req.repetition_penalty,
-                                       no_repeat_ngram_size=req.no_repeat_ngram_size)
+                                       no_repeat_ngram_size=req.no_repeat_ngram_size,
+                                       eos_token_id=[] if req.ignore_eos else None)
         except QueueFull as e:
             raise APIError(429, str(e), None, "rate_limit_error") from e
         except Closed as e:
@@ -166,8 +167,7 @@ def build_app(engine, model_name: str, max_queue: int = 256, shutdown_timeout: f
                         yield sse({"error": {"message": f"generation stopped: {why}", "type": "server_error",
                                              "param": None, "code": None}})
                         break
-                    if ev.text or ev.finish_reason is not None:
-                        yield sse(chunk(ev.text, ev.finish_reason))
+                    yield sse(chunk(ev.text, ev.finish_reason))  # one chunk per token, as OpenAI streams
                     if ev.finish_reason is not None:
                         finished = True
                         break
@@ -213,7 +213,7 @@ def build_app(engine, model_name: str, max_queue: int = 256, shutdown_timeout: f
             def chunk(text, reason, first=False, usage_only=False):
                 if usage_only:
                     return {**cbase, "choices": []}
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
                 return {**cbase, "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
             return stream(handle, events, n_prompt, chunk, bool(req.stream_options and req.stream_options.include_usage))
         text, n_out, reason = await collect(http, handle, events)

@@ -2,7 +2,7 @@
 
 Unknown fields are refused (a misspelt parameter must not be silently ignored). Fields of the OpenAI
 API that the server does not implement are accepted only at their default value, and said so in the
-error. top_k, repetition_penalty and no_repeat_ngram_size are extensions (vLLM's names; the openai
+error. top_k, repetition_penalty, no_repeat_ngram_size and ignore_eos are extensions (vLLM's names; the openai
 client sends them with extra_body).
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=2 ** 63 - 1)
     repetition_penalty: float = Field(1.0, gt=0, le=100)
     no_repeat_ngram_size: int = Field(0, ge=0)
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: bool | int | None = None
