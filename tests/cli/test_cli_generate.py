@@ -24,7 +24,41 @@ def test_generate_bad_input(path):
         main(["generate", path])
     with pytest.raises(SystemExit, match="comma-separated integers"):
         main(["generate", path, "--prompt-ids", "1,x"])
-    with pytest.raises(SystemExit, match="string prompts need a tokenizer"):
+    with pytest.raises(SystemExit, match="string prompts, stop strings and streamed text need a tokenizer"):
         main(["generate", path, "--prompt", "hello"])
     with pytest.raises(SystemExit, match=r"target_speedup must be in \[1, 3\]"):
         main(["generate", path, "--prompt-ids", "1", "--target-speedup", "9"])
+
+
+def test_generate_stream_and_stop(tmp_path, capsys):
+    from ulskip import Engine
+    from helpers import make_checkpoint
+    ckpt = make_checkpoint(tmp_path / "tok", "llama", num_layers=4)
+    prompt = "question : where is paris ? answer :"
+    ref = Engine.from_pretrained(ckpt, target_speedup=2, device="cpu")
+    eos = ref.tokenizer.eos_token_id
+    plain = ref.generate([prompt], max_new_tokens=8, eos_token_id=eos).texts[0]
+    assert main(["generate", ckpt, "--prompt", prompt, "--target-speedup", "2", "--max-new-tokens", "8",
+                 "--device", "cpu", "--stream"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(plain + "\n")
+    assert "new tokens in" in out
+    stop = plain.split()[0]  # the first word: the output must end there
+    assert main(["generate", ckpt, "--prompt", prompt, "--target-speedup", "2", "--max-new-tokens", "8",
+                 "--device", "cpu", "--stop", stop, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["texts"] == ref.generate([prompt], max_new_tokens=8, eos_token_id=eos, stop=[stop]).texts
+    assert got["texts"][0].endswith(stop) and len(got["sequences"][0]) <= len(plain.split())
+
+
+def test_generate_stream_bad_input(path):
+    with pytest.raises(SystemExit, match="--stream must be used with one prompt"):
+        main(["generate", path, "--prompt-ids", "1", "--prompt-ids", "2", "--stream"])
+    with pytest.raises(SystemExit, match="--num-beams must be 1 with --stream"):
+        main(["generate", path, "--prompt-ids", "1", "--stream", "--num-beams", "2"])
+    with pytest.raises(SystemExit, match="--stream must be used without --json"):
+        main(["generate", path, "--prompt-ids", "1", "--stream", "--json"])
+    with pytest.raises(SystemExit, match="--stop: string prompts, stop strings and streamed text need a tokenizer"):
+        main(["generate", path, "--prompt-ids", "1", "--stop", "x"])
+    with pytest.raises(SystemExit, match="--stop must be a non-empty string"):
+        main(["generate", path, "--prompt-ids", "1", "--stop", ""])

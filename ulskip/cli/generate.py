@@ -36,6 +36,12 @@ def add_arguments(p):
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--no-eos", action="store_true",
                    help="ignore the tokenizer's EOS token (default: off, stop at EOS)")
+    p.add_argument("--stop", action="append",
+                   help="stop a sequence once its text contains this string (repeatable; needs the tokenizer; "
+                        "default: none)")
+    p.add_argument("--stream", action="store_true",
+                   help="print the text as it is generated (one prompt, no beam search, not with --json; "
+                        "default: off)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: off)")
 
 
@@ -71,14 +77,22 @@ def check_args(args) -> list:
         require(args.num_beams == 1, "--num-beams", "1 with --do-sample (beam search does not sample)",
                 args.num_beams)
     check_seed("--seed", args.seed)
+    if args.stop is not None:
+        require(all(args.stop), "--stop", "a non-empty string", "")
+        require(args.num_beams == 1, "--num-beams", "1 with --stop (beam search has no stop strings)", args.num_beams)
+    if args.stream:
+        require(len(prompts) == 1, "--stream", "used with one prompt", f"{len(prompts)} prompts")
+        require(args.num_beams == 1, "--num-beams", "1 with --stream", args.num_beams)
+        require(not args.json, "--stream", "used without --json", "--json")
     from ulskip.runtime.engine import DTYPES
     check_choice("--dtype", args.dtype, list(DTYPES))
     check_device(args.device)
     check_checkpoint(args.model)
-    if args.prompt:
+    if args.prompt or args.stop or args.stream:
         from ulskip.loading.tokenizer import TOKENIZER_FILES
         if not any(os.path.isfile(os.path.join(args.model, f)) for f in TOKENIZER_FILES):
-            raise ValueError(f"--prompt: string prompts need a tokenizer, and checkpoint folder {args.model!r} holds "
+            flag = "--prompt" if args.prompt else ("--stop" if args.stop else "--stream")
+            raise ValueError(f"{flag}: string prompts, stop strings and streamed text need a tokenizer, and checkpoint folder {args.model!r} holds "
                              f"none ({', '.join(TOKENIZER_FILES)}); give --prompt-ids instead")
     return prompts
 
@@ -91,10 +105,18 @@ def run(args) -> int:
     eos = None
     if eng.tokenizer is not None and not args.no_eos:
         eos = eng.tokenizer.eos_token_id
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed, stop=args.stop)
     t0 = time.perf_counter()
-    out = eng.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       num_beams=args.num_beams, eos_token_id=eos, seed=args.seed)
+    if args.stream:
+        n = 0
+        for ev in eng.stream(prompts, **kw):
+            print(ev.text, end="", flush=True)
+            n += 1
+        secs = time.perf_counter() - t0
+        print(f"\n{n} new tokens in {secs:.2f} s ({n / secs:.1f} tokens/s, {eng.device}, {str(eng.dtype)[6:]})")
+        return 0
+    out = eng.generate(prompts, num_beams=args.num_beams, **kw)
     secs = time.perf_counter() - t0
     n = sum(len(s) for s in out.sequences)
     if args.json:
