@@ -141,6 +141,14 @@ class Engine:
         self.graphs = DecodeGraphs(self._decode_eager, max_batch_size, max_seq_len, self.device) if graphs else None
         self.prefill_graphs = PrefillGraphs(self._prefill_eager, max_batch_size, max_seq_len, self.device) \
             if graphs else None
+        # prefill_row (continuous batching): the prompt-pass graphs write rows from 0, where other sequences
+        # live, so a one-row pass replays its own graphs into a one-row staging cache, then copies the
+        # prompt's K/V into the request's row (one strided copy per K and V)
+        self.staging = None
+        if graphs:
+            self.staging = CompactKVCache(self.kept_layers, 1, cfg.num_kv_heads, max_seq_len, cfg.head_dim,
+                                          self.dtype, self.device)
+            self.row_prefill_graphs = PrefillGraphs(self._prefill_staging, 1, max_seq_len, self.device)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -197,21 +205,32 @@ class Engine:
             return self.prefill_graphs(tokens, lengths)
         return self._prefill_eager(tokens, lengths)
 
-    def _prefill_eager(self, tokens: torch.Tensor, lengths: torch.Tensor, cache_row: int = 0) -> torch.Tensor:
+    def _prefill_eager(self, tokens: torch.Tensor, lengths: torch.Tensor, cache_row: int = 0, cache=None) -> torch.Tensor:
         B, T = tokens.shape
         positions = torch.arange(T, device=self.device).expand(B, T)
-        step = Step(positions=positions, cache=self.cache, decode=False, cache_row=cache_row)
+        step = Step(positions=positions, cache=self.cache if cache is None else cache, decode=False,
+                    cache_row=cache_row)
         return self.model(tokens, step, self.prefill_layers, last_index=lengths - 1)
+
+    def _prefill_staging(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self._prefill_eager(tokens, lengths, cache=self.staging)
 
     @torch.inference_mode()
     def prefill_row(self, prompt: list[int], row: int) -> torch.Tensor:
         """The prompt pass of one sequence into cache row `row` (continuous batching: the other rows keep
-        their sequences) -> fp32 logits [1, V] of its last token. Eager: the prompt-pass graphs write rows
-        from 0."""
+        their sequences) -> fp32 logits [1, V] of its last token. On a GPU through a captured graph into the
+        staging row, copied into `row`, where it fits the graphs' bucket limit; eagerly into `row` otherwise."""
         if not 0 <= row < self.max_batch_size:
             raise ValueError(f"cache row {row} outside [0, {self.max_batch_size})")
+        T = len(prompt)
         tokens = torch.tensor([prompt], device=self.device)
-        return self._prefill_eager(tokens, torch.tensor([len(prompt)], device=self.device), cache_row=row)
+        lengths = torch.tensor([T], device=self.device)
+        if self.staging is not None and self.row_prefill_graphs.fits(1, T):
+            logits = self.row_prefill_graphs(tokens, lengths)
+            self.cache.k[:, row, :, :T].copy_(self.staging.k[:, 0, :, :T])
+            self.cache.v[:, row, :, :T].copy_(self.staging.v[:, 0, :, :T])
+            return logits
+        return self._prefill_eager(tokens, lengths, cache_row=row)
 
     def step_layers(self, j: int) -> tuple[int, ...]:
         """The layers response token j (0 = the first generated token, the first decode step's input) runs."""
