@@ -259,3 +259,37 @@ def test_sse_wire_format(srv):
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
+
+
+def test_template_refusal_is_a_400(ckpt):
+    from transformers import AutoTokenizer
+    eng = engine(ckpt)
+    eng.tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    eng.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                   "{{ raise_exception('system turns are not supported') }}{% endif %}"
+                                   "{{ m['content'] }}{% endfor %}")
+    s = Server(eng)
+    try:
+        with pytest.raises(openai.BadRequestError, match="system turns are not supported"):
+            s.client.chat.completions.create(model="tiny", max_tokens=3, messages=[
+                {"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+    finally:
+        s.stop()
+
+
+def test_non_streaming_client_that_leaves_is_cancelled(ckpt, monkeypatch):
+    import ulskip.serve.app as app_module
+    monkeypatch.setattr(app_module, "DISCONNECT_POLL_S", 0.01)
+    s = Server(engine(ckpt, max_seq_len=256))
+    try:
+        sched = s.app.state.scheduler
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(httpx.TimeoutException):  # the client gives up while its tokens are flowing
+            httpx.post(s.url + "/v1/completions", json=body, timeout=0.05)
+        t0 = time.time()
+        while not sched.finished:
+            assert time.time() - t0 < 30
+            time.sleep(0.01)
+        assert dict(sched.finished) == {"cancelled": 1} and sched.steps < 239 and sched.busy == 0
+    finally:
+        s.stop()

@@ -16,6 +16,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -124,13 +125,19 @@ def build_app(engine, model_name: str, max_queue: int = 256, shutdown_timeout: f
     async def collect(http: Request, handle, events):
         """All of a request's events (non-streaming), cancelling it if the client goes away."""
         tokens, text = [], []
+        checked = time.monotonic()
         while True:
             try:
                 ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                ev = None
+            # on a timer, not only when idle: a running request has an event every decode step
+            if time.monotonic() - checked > DISCONNECT_POLL_S:
+                checked = time.monotonic()
                 if await http.is_disconnected():
                     scheduler.cancel(handle)
-                    raise APIError(499, "client disconnected") from None
+                    raise APIError(499, "client disconnected")
+            if ev is None:
                 continue
             tokens += ev.token_ids
             text.append(ev.text)
@@ -202,7 +209,7 @@ def build_app(engine, model_name: str, max_queue: int = 256, shutdown_timeout: f
         check_model(req.model)
         try:
             ids = engine.chat_prompt([m.model_dump(exclude_none=True) for m in req.messages])
-        except ValueError as e:
+        except (ValueError, jinja2.TemplateError) as e:  # templates refuse e.g. a system turn by raising
             raise APIError(400, str(e), "messages") from e
         handle, events, n_prompt = await submit(req, ids, default_max=engine.max_seq_len)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
