@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ulskip import Engine
-from helpers import FACTS, WORDS, make_checkpoint, make_train_model  # noqa: F401
+from helpers import FACTS, WORDS, make_checkpoint, make_train_model
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
                  "{% if add_generation_prompt %}answer :{% endif %}")
