@@ -5,7 +5,7 @@
 # gemv = Triton GEMV vs cuBLAS probe, gemvf = the fused batch-1 GEMV of kernels/gemv.py with a config sweep
 # (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile,
 # quick/bloomu = ulskip rows only, to merge with earlier baseline rows: ulskip bench --merge;
-# quick1/bloomu1 = the same at batch 1 only; serve = continuous batching on the GPU + the serving load test; old1 = build + quick1 of an older checkout unpacked in .old/
+# quick1/bloomu1 = the same at batch 1 only; serve = continuous batching on the GPU + the serving load test (the H200 lacks fastapi/uvicorn/httpx: `pip download fastapi uvicorn httpx --dest .whl2 --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64` here, carry .whl2, there `pip install --no-index --find-links .whl2 --target /tmp/site2 fastapi uvicorn httpx; export PYTHONPATH=/tmp/site2`); old1 = build + quick1 of an older checkout unpacked in .old/
 # (git archive REV | tar -x -C .old, carried), to compare speed before and after a change in one sitting)
 # Every stage logs to $OUT/<stage>.log; the summary table comes last.
 set -uo pipefail
