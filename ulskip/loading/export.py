@@ -18,6 +18,7 @@ import shutil
 
 from ulskip.loading.checkpoint import SAFE_INDEX, CheckpointTensors
 from ulskip.loading.config import load_config
+from ulskip.loading.folders import move_into_place
 from ulskip.loading.tokenizer import TOKENIZER_FILES
 from ulskip.models import MODEL_CLASSES
 from ulskip.schedule import (
@@ -147,7 +148,7 @@ def export_kept_layers(ckpt: str, out: str, kept_layers=None, overwrite: bool = 
             json.dump({"num_layers": cfg.num_layers, "kept_layers": kept, "prefill": "skip",
                        "ulskip_section": section or None}, f, indent=2)
             f.write("\n")
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -277,19 +278,3 @@ def _copy_side_files(ckpt: str, folder: str) -> None:
         src = os.path.join(ckpt, name)
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(folder, name))
-
-
-def _move_into_place(tmp: str, out_dir: str) -> None:
-    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
-        os.replace(tmp, out_dir)  # replaces an empty folder too
-        return
-    old = f"{out_dir}.old-{os.getpid()}"  # keep the old folder until the new one is in place
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-

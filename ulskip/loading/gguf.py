@@ -13,6 +13,7 @@ import shutil
 import torch
 
 from ulskip.loading.config import FAMILIES, SUPPORTED
+from ulskip.loading.folders import move_into_place
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,7 +67,7 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "auto", overwrite: b
     os.makedirs(tmp)
     try:
         _write(gguf_path, tmp, DTYPES[dtype])
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -106,18 +107,3 @@ def _write(gguf_path: str, folder: str, dtype: torch.dtype | None) -> None:
 def _has_tokenizer(gguf_path: str) -> bool:
     import gguf
     return "tokenizer.ggml.tokens" in gguf.GGUFReader(gguf_path).fields
-
-
-def _move_into_place(tmp: str, out_dir: str) -> None:
-    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
-        os.replace(tmp, out_dir)  # replaces an empty folder too
-        return
-    old = f"{out_dir}.old-{os.getpid()}"  # keep the old folder until the new one is in place
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
