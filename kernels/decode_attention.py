@@ -77,6 +77,14 @@ def decode_attention_ref(q, k_cache, v_cache, seq_lens, scale, slopes=None) -> t
     return out.squeeze(2)
 
 
+def verify_attention_ref(q, k_cache, v_cache, seq_lens, scale, slopes=None) -> torch.Tensor:
+    """T new tokens per sequence. q: [B, T, Hq, D]; caches [B, Hkv, S, D]; seq_lens [B] = keys visible to
+    the last new token (its position + 1). -> [B, T, Hq, D]"""
+    T = q.shape[1]
+    q_pos = (seq_lens - T).unsqueeze(1) + torch.arange(T, device=q.device)
+    return attention_ref(q.transpose(1, 2), k_cache, v_cache, q_pos, seq_lens, scale, slopes).transpose(1, 2)
+
+
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 
@@ -84,13 +92,14 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 @triton.jit
 def _decode_attn_kernel(
     Q, K, V, SEQ, SLOPES, OUT, M_P, L_P, ACC_P,
-    sq_b, sq_h,
+    sq_b, sq_t, sq_h,
     sk_b, sk_h, sk_s,
     sv_b, sv_h, sv_s,
-    so_b, so_h,
-    sp_b, sp_h,            # strides of the [B, Hq, SPLITS] partials (ACC_P is [B, Hq, SPLITS, D])
-    S, CHUNK, scale,
+    so_b, so_t, so_h,
+    sp_b, sp_h,            # strides of the [B, T*Hq, SPLITS] partials (ACC_P is [B, T*Hq, SPLITS, D])
+    S, CHUNK, HQ, scale,
     D: tl.constexpr,       # head dim (constexpr: the masks on it fold away / stay vector-friendly)
+    T: tl.constexpr,       # new tokens per sequence (1: decode; k+1: a speculative verify pass)
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DIRECT: tl.constexpr, SPLIT_P: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
@@ -98,14 +107,17 @@ def _decode_attn_kernel(
     hk = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
 
+    # BLOCK_G rows: row r is query head g = r % G of KV head hk for new token t = r // G; all of them
+    # share each K/V tile, read from HBM once
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    hq = hk * G + offs_g                      # query heads of this KV head
-    g_mask = offs_g < G
+    t_row = offs_g // G
+    hq = hk * G + offs_g % G                  # query heads of this KV head
+    g_mask = offs_g < T * G
     d_mask = offs_d < D
 
-    q = tl.load(Q + b * sq_b + hq[:, None] * sq_h + offs_d[None, :],
+    q = tl.load(Q + b * sq_b + t_row[:, None] * sq_t + hq[:, None] * sq_h + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)          # [BLOCK_G, BLOCK_D]
     if HAS_ALIBI:
         slope = tl.load(SLOPES + hq, mask=g_mask, other=0.0).to(tl.float32)
@@ -113,6 +125,7 @@ def _decode_attn_kernel(
     seq_len = tl.load(SEQ + b).to(tl.int32)
     start = split * CHUNK
     hi = tl.minimum(tl.minimum(start + CHUNK, seq_len), S)
+    row_hi = seq_len - (T - 1) + t_row        # causal among the new tokens: token t sees keys < row_hi
 
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
@@ -131,10 +144,16 @@ def _decode_attn_kernel(
         s = s * scale                                                      # [BLOCK_G, BLOCK_N] fp32
         if HAS_ALIBI:
             s += slope[:, None] * n[None, :].to(tl.float32)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
+        if T > 1:
+            s = tl.where(n_mask[None, :] & (n[None, :] < row_hi[:, None]), s, float("-inf"))
+        else:
+            s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        m_use = m_new
+        if T > 1:  # a row may have seen no key yet: its exp() terms must be 0, not NaN (-inf - -inf)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         v = tl.load(v_base + n[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -152,10 +171,10 @@ def _decode_attn_kernel(
     out_mask = g_mask[:, None] & d_mask[None, :]
     if DIRECT:
         o = acc / l_i[:, None]
-        tl.store(OUT + b * so_b + hq[:, None] * so_h + offs_d[None, :], o.to(OUT.dtype.element_ty),
-                 mask=out_mask)
+        tl.store(OUT + b * so_b + t_row[:, None] * so_t + hq[:, None] * so_h + offs_d[None, :],
+                 o.to(OUT.dtype.element_ty), mask=out_mask)
     else:
-        p_off = b * sp_b + hq * sp_h + split
+        p_off = b * sp_b + (t_row * HQ + hq) * sp_h + split
         tl.store(M_P + p_off, m_i, mask=g_mask)
         tl.store(L_P + p_off, l_i, mask=g_mask)
         tl.store(ACC_P + p_off[:, None] * D + offs_d[None, :], acc, mask=out_mask)
@@ -164,12 +183,12 @@ def _decode_attn_kernel(
 @triton.jit
 def _decode_attn_reduce_kernel(
     M_P, L_P, ACC_P, OUT,
-    sp_b, sp_h, so_b, so_h,
-    SPLITS,
+    sp_b, sp_h, so_b, so_t, so_h,
+    SPLITS, HQ,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)             # t * HQ + query head
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < SPLITS
@@ -183,7 +202,8 @@ def _decode_attn_reduce_kernel(
     acc = tl.load(ACC_P + p_off[:, None] * D + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
                   other=0.0)
     o = tl.sum(acc * w[:, None], axis=0) / denom
-    tl.store(OUT + b * so_b + h * so_h + offs_d, o.to(OUT.dtype.element_ty), mask=d_mask)
+    tl.store(OUT + b * so_b + (h // HQ) * so_t + (h % HQ) * so_h + offs_d, o.to(OUT.dtype.element_ty),
+             mask=d_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,7 +230,33 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale, slopes=None, out=None
     num_splits (optional) overrides the automatic split count (tests use it to cover the reduce path).
     """
     check_tensor("q", q, ndim=3)
-    B, Hq, D = q.shape
+    if out is not None:
+        check_out("out", out, tuple(q.shape), q.dtype, q.device)
+    res = _attend(q.unsqueeze(1), k_cache, v_cache, seq_lens, scale, slopes,
+                  None if out is None else out.unsqueeze(1), num_splits, block_n, num_warps, num_stages)
+    return res.squeeze(1) if out is None else out
+
+
+MAX_VERIFY_TOKENS = 16  # new tokens per sequence verify_attention takes (a speculative pass: k drafts + 1)
+
+
+def verify_attention(q, k_cache, v_cache, seq_lens, scale, slopes=None, out=None, num_splits=None,
+                     block_n=None, num_warps=4, num_stages=None):
+    """T new tokens per sequence over the cache (a speculative verify pass): q [B, T, Hq, D], caches
+    [B, Hkv, S, D] already holding the new tokens' K/V, seq_lens [B] = keys visible to the last new token;
+    new token t sees the first seq_lens[b] - (T - 1 - t) keys. -> out [B, T, Hq, D]. One program per
+    (sequence, KV head, split) handles all T x G query rows, so each K/V tile is read once for all of them.
+    """
+    check_tensor("q", q, ndim=4)
+    if not 1 <= q.shape[1] <= MAX_VERIFY_TOKENS:
+        raise ValueError(f"verify_attention takes 1 to {MAX_VERIFY_TOKENS} new tokens per sequence, got {q.shape[1]}")
+    if out is not None:
+        check_out("out", out, tuple(q.shape), q.dtype, q.device)
+    return _attend(q, k_cache, v_cache, seq_lens, scale, slopes, out, num_splits, block_n, num_warps, num_stages)
+
+
+def _attend(q, k_cache, v_cache, seq_lens, scale, slopes, out, num_splits, block_n, num_warps, num_stages):
+    B, T, Hq, D = q.shape
     dev = q.device
     check_tensor("k_cache", k_cache, ndim=4, device=dev)
     if k_cache.shape[0] != B or k_cache.shape[3] != D:
@@ -240,14 +286,12 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale, slopes=None, out=None
     if not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a Python float, got {type(scale).__name__}")
     if out is None:
-        out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
-    else:
-        check_out("out", out, (B, Hq, D), q.dtype, dev)
+        out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=dev)
     if B == 0 or Hq == 0:
         return out
 
     G = Hq // Hkv
-    BLOCK_G = max(16, next_pow2(G))
+    BLOCK_G = max(16, next_pow2(T * G))
     BLOCK_D = next_pow2(D)
     fp32 = q.dtype == torch.float32
     # 16-bit, D<=128: 64-key tiles, 3 stages = ~72 KB of shared memory, 3 programs per H100/H200 SM,
@@ -265,23 +309,23 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale, slopes=None, out=None
         m_p = l_p = acc_p = out  # unused
         sp = (0, 0)
     else:
-        m_p = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
+        m_p = torch.empty((B, T * Hq, num_splits), dtype=torch.float32, device=dev)
         l_p = torch.empty_like(m_p)
-        acc_p = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=dev)
+        acc_p = torch.empty((B, T * Hq, num_splits, D), dtype=torch.float32, device=dev)
         sp = m_p.stride()[:2]
     _decode_attn_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, seq_lens, slopes if slopes is not None else q, out, m_p, l_p, acc_p,
-        q.stride(0), q.stride(1),
+        q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
-        out.stride(0), out.stride(1), *sp,
-        S, chunk, float(scale),
-        D=D, G=G, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        out.stride(0), out.stride(1), out.stride(2), *sp,
+        S, chunk, Hq, float(scale),
+        D=D, T=T, G=G, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         HAS_ALIBI=slopes is not None, DIRECT=direct, SPLIT_P=not fp32, FP32_DOT=fp32,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
-        _decode_attn_reduce_kernel[(B, Hq)](
-            m_p, l_p, acc_p, out, *sp, out.stride(0), out.stride(1), num_splits,
+        _decode_attn_reduce_kernel[(B, T * Hq)](
+            m_p, l_p, acc_p, out, *sp, out.stride(0), out.stride(1), out.stride(2), num_splits, Hq,
             D=D, BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=BLOCK_D, num_warps=4,
         )
     return out

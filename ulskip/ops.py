@@ -53,6 +53,14 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale, slopes=None):
     return attn.decode_attention_ref(q, k_cache, v_cache, seq_lens, scale, slopes)
 
 
+def verify_attention(q, k_cache, v_cache, seq_lens, scale, slopes=None):
+    """T new tokens per sequence, q [B, T, Hq, D], over caches [B, Hkv, S, D] that hold their K/V; seq_lens
+    [B] = keys visible to the last new token (token t sees T - 1 - t fewer) -> [B, T, Hq, D]."""
+    if use_triton(q):
+        return attn.verify_attention(q, k_cache, v_cache, seq_lens, scale, slopes)
+    return attn.verify_attention_ref(q, k_cache, v_cache, seq_lens, scale, slopes)
+
+
 def silu_mul(gate_up):
     if use_triton(gate_up):
         return activation.silu_mul(gate_up)

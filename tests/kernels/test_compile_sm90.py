@@ -51,12 +51,18 @@ def _compile_check() -> int:
     for dt in ("*fp16", "*bf16"):
         for G, D, direct in ((1, 128, True), (4, 128, False), (8, 80, False), (1, 64, False)):
             k = comp(kattn._decode_attn_kernel, attn_ptrs(dt), dict(
-                D=D, G=G, BLOCK_G=16, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(D), HAS_ALIBI=G == 4,
+                D=D, T=1, G=G, BLOCK_G=16, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(D), HAS_ALIBI=G == 4,
                 DIRECT=direct, SPLIT_P=True, FP32_DOT=False), stages=3)
             ptx = k.asm["ptx"]
             assert "cp.async" in ptx, f"attention {dt} G={G} D={D}: K/V loads not pipelined"
             assert "ld.global.b16" not in ptx, f"attention {dt} G={G} D={D}: scalar 16-bit loads"
-    comp(kattn._decode_attn_kernel, attn_ptrs("*fp32"), dict(D=128, G=4, BLOCK_G=16, BLOCK_N=32, BLOCK_D=128,
+    # the speculative verify pass: T new tokens x G query heads per program, causal among the new tokens
+    for T, G, bg in ((5, 1, 16), (9, 3, 32)):
+        k = comp(kattn._decode_attn_kernel, attn_ptrs("*bf16"), dict(
+            D=128, T=T, G=G, BLOCK_G=bg, BLOCK_N=64, BLOCK_D=128, HAS_ALIBI=False, DIRECT=False, SPLIT_P=True,
+            FP32_DOT=False), stages=3)
+        assert "cp.async" in k.asm["ptx"], f"verify attention T={T} G={G}: K/V loads not pipelined"
+    comp(kattn._decode_attn_kernel, attn_ptrs("*fp32"), dict(D=128, T=1, G=4, BLOCK_G=16, BLOCK_N=32, BLOCK_D=128,
          HAS_ALIBI=False, DIRECT=False, SPLIT_P=False, FP32_DOT=True))
     comp(kattn._decode_attn_reduce_kernel, dict(M_P="*fp32", L_P="*fp32", ACC_P="*fp32", OUT="*bf16"),
          dict(D=80, BLOCK_S=16, BLOCK_D=128), nodiv=("SPLITS",))

@@ -78,3 +78,55 @@ def test_bad_inputs_attention():
         kattn.decode_attention(q, kc, kc, lens, 0.1, slopes=torch.ones(4, device=DEV))
     with pytest.raises(ValueError, match=r"k_cache has shape \(2, 2, 32, 128\), expected \(2, Hkv, S, 64\)"):
         kattn.decode_attention(q, bad_tensor(2, 2, 32, 128), bad_tensor(2, 2, 32, 128), lens, 0.1)
+
+
+def _verify_case(B, T, Hq, Hkv, D, S, dtype, alibi, num_splits, device=DEV, seed=0, lens=None):
+    g = gen(seed, device)
+    q = randn(B, T, Hq, D, dtype=dtype, g=g, device=device)
+    k_cache = randn(B, Hkv, S, D, dtype=dtype, g=g, device=device)
+    v_cache = randn(B, Hkv, S, D, dtype=dtype, g=g, device=device)
+    if lens is None:  # keys visible to the last new token: at least T (the new tokens themselves)
+        lens = torch.randint(T, S + 1, (B,), generator=gen(seed, "cpu"))
+        lens[0] = T
+        if B > 1:
+            lens[1] = S
+    seq_lens = torch.as_tensor(lens, dtype=torch.int32).to(device)
+    slopes = kattn.alibi_slopes(Hq).to(device) if alibi else None
+    scale = 1.0 / math.sqrt(D)
+    # new token t is a decode query that sees seq_lens - (T - 1 - t) keys
+    oracle = torch.stack([attn_oracle(q[:, t], k_cache, v_cache, seq_lens - (T - 1 - t), scale, slopes)
+                          for t in range(T)], dim=1)
+    t_out = kattn.verify_attention_ref(q, k_cache, v_cache, seq_lens, scale, slopes)
+    j = torch.arange(S, device=device)
+    beyond = (j.view(1, S) >= seq_lens.view(B, 1)).view(B, 1, S, 1)
+    k_p, v_p = k_cache.masked_fill(beyond, float("nan")), v_cache.masked_fill(beyond, float("nan"))
+    out = nan_like(q)
+    res = kattn.verify_attention(q, k_p, v_p, seq_lens, scale, slopes, out=out, num_splits=num_splits)
+    assert res is out
+    assert_close(out, oracle, t_out, dtype, f"verify T={T} splits={num_splits}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,S,alibi", [(3, 2, 4, 4, 64, 100, False), (2, 5, 8, 2, 80, 90, True),
+                                                  (2, 3, 6, 2, 32, 40, False), (1, 1, 4, 4, 32, 70, False)])
+def test_verify_attention(B, T, Hq, Hkv, D, S, alibi, num_splits, dtype):
+    _verify_case(B, T, Hq, Hkv, D, S, dtype, alibi, num_splits)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,S,alibi", [
+    (1, 5, 32, 32, 128, 4096, False), (32, 9, 32, 32, 128, 2048, False), (8, 4, 9, 3, 64, 2048, False),
+    (16, 16, 32, 8, 128, 1024, False), (4, 3, 32, 32, 128, 512, True)])
+def test_verify_attention_gpu(B, T, Hq, Hkv, D, S, alibi, dtype):
+    _verify_case(B, T, Hq, Hkv, D, S, dtype, alibi, None)
+
+
+def test_bad_inputs_verify_attention():
+    lens = torch.tensor([3, 5], device=DEV)
+    kc = bad_tensor(2, 2, 32, 64)
+    with pytest.raises(ValueError, match=r"verify_attention takes 1 to 16 new tokens per sequence, got 17"):
+        kattn.verify_attention(bad_tensor(2, 17, 8, 64), kc, kc, lens, 0.1)
+    with pytest.raises(ValueError, match=r"q must have 4 dims, got shape \(2, 8, 64\)"):
+        kattn.verify_attention(bad_tensor(2, 8, 64), kc, kc, lens, 0.1)

@@ -92,6 +92,19 @@ def test_stop_in_a_batch_ends_only_its_sequence(eng):
             assert out.sequences[i] == full.sequences[i] and out.finish_reasons[i] == "length"
 
 
+def test_stop_with_speculation_equals_plain(eng):
+    """Speculative rounds run ahead of the stop check: the sequences are cut where plain decoding stops."""
+    import warnings
+    full = eng.generate(PROMPTS, max_new_tokens=10)
+    stop = full.texts[0].split()[1]
+    plain = eng.generate(PROMPTS, max_new_tokens=10, stop=stop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained model: the low-acceptance warning
+        spec = eng.generate(PROMPTS, max_new_tokens=10, stop=stop, speculative={"draft_speedup": 2, "num_draft_tokens": 3})
+    assert spec.sequences == plain.sequences and spec.texts == plain.texts
+    assert spec.finish_reasons == plain.finish_reasons and "stop" in plain.finish_reasons
+
+
 def test_eos_finishes_with_stop(eng):
     first = eng.generate(PROMPTS[:1], max_new_tokens=6).sequences[0]
     cut = first[:first.index(first[2]) + 1]

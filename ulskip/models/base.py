@@ -37,11 +37,11 @@ class WeightSource:
 class Step:
     positions: torch.Tensor                 # [B, T] absolute positions of the new tokens
     cache: CompactKVCache | None            # kept layers write (and in decode, read) here
-    decode: bool                            # one new token per sequence, attending over the cache
+    decode: bool                            # new tokens attend over the cache (T = 1, or a verify pass)
     cos: torch.Tensor | None = None         # [B, T, D] rotary tables (Llama family)
     sin: torch.Tensor | None = None
     slopes: torch.Tensor | None = None      # [Hq] ALiBi slopes (Bloom)
-    seq_lens: torch.Tensor | None = None    # decode: [B] keys visible to each new token (position + 1)
+    seq_lens: torch.Tensor | None = None    # decode: [B] keys visible to the last new token (position + 1)
     cache_row: int = 0                      # the batch rows are cache rows cache_row..cache_row+B-1
 
 
@@ -53,7 +53,10 @@ def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: 
     kv = step.cache.layer(layer, B, step.cache_row) if step.cache is not None else None
     if step.decode:  # one fused kernel rotates q and k and writes k, v into the cache
         q = ops.rotary_cache_write(q, k, v, step.cos, step.sin, kv[0], kv[1], step.positions, rotary=rope)
-        return ops.decode_attention(q[:, 0], kv[0], kv[1], step.seq_lens, scale, slopes).reshape(B, 1, Hq * D)
+        if T == 1:
+            return ops.decode_attention(q[:, 0], kv[0], kv[1], step.seq_lens, scale, slopes).reshape(B, 1, Hq * D)
+        # a speculative verify pass: T consecutive new tokens per sequence, causal among themselves
+        return ops.verify_attention(q, kv[0], kv[1], step.seq_lens, scale, slopes).reshape(B, T, Hq * D)
     if rope:
         q, k = ops.rotary(q, step.cos, step.sin), ops.rotary(k, step.cos, step.sin)
     if kv is not None:
@@ -112,9 +115,9 @@ class DecoderLM(nn.Module):
         """Last hidden state [B, H] (and its norm statistics or None) -> logits [B, V]."""
         raise NotImplementedError
 
-    def forward(self, tokens, step: Step, run_layers, last_index=None) -> torch.Tensor:
+    def forward(self, tokens, step: Step, run_layers, last_index=None, all_logits: bool = False) -> torch.Tensor:
         """tokens: [B, T]. Runs `run_layers` in order; returns fp32 logits [B, V] of the token at
-        last_index[b] (decode: the only token)."""
+        last_index[b] (decode: the only token), or with all_logits those of every token, [B, T, V]."""
         missing = [i for i in run_layers if str(i) not in self.layers]
         if missing:
             raise ValueError(f"layers {missing} were not loaded (loaded: {self.layer_ids})")
@@ -122,6 +125,10 @@ class DecoderLM(nn.Module):
         stats = None  # what the layers pass along with the stream (Llama: norm statistics; Bloom: None)
         for i in run_layers:
             x, stats = self.layers[str(i)](x, stats, step, i)
+        if all_logits:
+            B, T, H = x.shape
+            flat = None if stats is None else stats.reshape(B * T, -1)
+            return self.head(x.reshape(B * T, H), flat).float().view(B, T, -1)
         if last_index is not None:
             rows = torch.arange(x.shape[0], device=x.device)
             x = x[rows, last_index].unsqueeze(1)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ulskip.arguments import integer
+from ulskip.kernels.decode_attention import MAX_VERIFY_TOKENS
 from ulskip.loading.checkpoint import CheckpointTensors, StateDictTensors, build_model
 from ulskip.loading.config import check_config, from_hf, load_config
 from ulskip.loading.tokenizer import load_tokenizer
@@ -24,7 +25,8 @@ from ulskip.runtime.generation import GenerationConfig
 from ulskip.runtime.graphs import DecodeGraphs, PrefillGraphs
 from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
-from ulskip.runtime.text import IncrementalText, check_stop, find_stop
+from ulskip.runtime.speculative import check_speculative, draft_layers, speculative_decode
+from ulskip.runtime.text import IncrementalText, check_stop, cut_at_stop, find_stop
 from ulskip.schedule import check_prefill, make_plan
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -38,6 +40,7 @@ class GenerationOutput:
     scores: list[torch.Tensor] | None = None        # per step: [rows, V] fp32 logits before sampling
     texts: list[str] | None = field(default=None)   # decoded sequences, when a tokenizer is present
     finish_reasons: list[str] | None = None         # per prompt: "stop" (EOS or a stop string) or "length"
+    speculative: dict | None = None                 # with speculative=: acceptance_rate, tokens_per_verify, ...
 
 
 @dataclass
@@ -255,8 +258,27 @@ class Engine:
         return self._decode_eager(tokens, positions, layers)
 
     def _decode_eager(self, tokens: torch.Tensor, positions: torch.Tensor, layers) -> torch.Tensor:
+        """A decode step (tokens [B]) or a verify pass (tokens [B, T] from positions[b] on: all logits)."""
+        if tokens.ndim == 2:
+            T = tokens.shape[1]
+            pos = positions.unsqueeze(1) + torch.arange(T, device=positions.device)
+            step = Step(positions=pos, cache=self.cache, decode=True, seq_lens=positions + T)
+            return self.model(tokens, step, list(layers), all_logits=True)
         step = Step(positions=positions.unsqueeze(1), cache=self.cache, decode=True, seq_lens=positions + 1)
         return self.model(tokens.unsqueeze(1), step, list(layers))
+
+    @torch.inference_mode()
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor, graphs: bool = True) -> torch.Tensor:
+        """A speculative verify pass through the kept layers: tokens [B, T] (T <= MAX_VERIFY_TOKENS) at
+        positions[b] .. positions[b] + T - 1 of cache rows 0..B-1 -> fp32 logits [B, T, V] of every token.
+        Writes their K/V at every kept layer; reads the cache before positions[b]. On a GPU a CUDA graph per
+        (batch bucket, T): its result is the graph's static buffer, valid until the next verify pass."""
+        T = tokens.shape[1]
+        if not 1 <= T <= MAX_VERIFY_TOKENS:
+            raise ValueError(f"a verify pass takes 1 to {MAX_VERIFY_TOKENS} tokens per sequence, got {T}")
+        if graphs and self.graphs is not None:
+            return self.graphs(tokens, positions, self._kept)
+        return self._decode_eager(tokens, positions, self._kept)
 
     # ------------------------------------------------------------------ generation
     def _encode(self, prompts) -> list[list[int]]:
@@ -292,12 +314,22 @@ class Engine:
     def generate(self, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, num_beams: int = 1, eos_token_id=None, seed=None,
                  output_scores: bool = False, length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-                 no_repeat_ngram_size: int = 0, stop=None) -> GenerationOutput:
+                 no_repeat_ngram_size: int = 0, stop=None, speculative=None) -> GenerationOutput:
         """Generate for a batch of prompts (strings or token ids). stop: strings that end a sequence once
         its generated text contains one (transformers' stop_strings: the sequence keeps the token that
-        completed it)."""
+        completed it). speculative: {"draft_speedup": s, "num_draft_tokens": k} or a SpeculativeConfig --
+        self-speculative decoding (ulskip/runtime/speculative.py) on an engine that holds all layers: the
+        ULS schedule of speedup s drafts k tokens, all layers verify them; the output is the full model's."""
         prompts, gen, stops = self._setup(prompts, locals())
+        spec = self._check_speculative(speculative, prompts, gen)
         logits, lengths, history = self._start(prompts, gen)
+        if spec is not None:
+            seqs, stats = speculative_decode(self, logits, lengths, gen, spec, self._draft)
+            cuts = [cut_at_stop(self.tokenizer, s, stops) if stops else (s, False) for s in seqs]
+            seqs = [s for s, _ in cuts]
+            reasons = ["stop" if hit or (s and s[-1] in gen.eos_ids) else "length" for s, hit in cuts]
+            texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs] if self.tokenizer else None
+            return GenerationOutput(sequences=seqs, texts=texts, finish_reasons=reasons, speculative=stats)
         if gen.num_beams > 1:
             seqs, scores = beam_search(self, logits, lengths, gen, history)
             reasons = None
@@ -322,6 +354,31 @@ class Engine:
         prompts, gen, stops = self._setup(prompts, locals())
         logits, lengths, history = self._start(prompts, gen)
         yield from self._host_loop(logits, lengths, gen, history, stops)
+
+    def _check_speculative(self, speculative, prompts, gen: GenerationConfig):
+        """The speculative argument against this engine and call -> SpeculativeConfig or None; sets the
+        draft layers (warning when the checkpoint was not trained for the draft speedup)."""
+        spec = check_speculative(speculative)
+        if spec is None:
+            return None
+        if gen.num_beams > 1:
+            raise ValueError("speculative decoding with beam search is not supported; use num_beams=1")
+        if gen.penalized:
+            raise ValueError("speculative decoding with repetition_penalty / no_repeat_ngram_size is not supported "
+                             "(the penalties would change with every accepted draft)")
+        if gen.output_scores:
+            raise ValueError("output_scores with speculative decoding is not supported")
+        if self.kept_layers != list(range(self.num_layers)) or self.skipdecode is not None:
+            raise ValueError(f"speculative decoding verifies with all {self.num_layers} layers, but this engine holds "
+                             f"{len(self.kept_layers)} ({self.kept_layers}); load it with target_speedup=1 "
+                             "(e.g. Engine.from_pretrained(path, target_speedup=1))")
+        longest, k = max(len(p) for p in prompts), spec.num_draft_tokens
+        if longest + gen.max_new_tokens + k > self.max_seq_len:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {gen.max_new_tokens} + num_draft_tokens {k} = "
+                             f"{longest + gen.max_new_tokens + k} exceeds max_seq_len={self.max_seq_len} (a round "
+                             "writes k positions past the newest token)")
+        self._draft = draft_layers(self.num_layers, spec, self.cfg.ulskip)
+        return spec
 
     def chat_prompt(self, messages) -> list[int]:
         """One conversation ([{"role": ..., "content": ...}, ...]) -> prompt token ids through the

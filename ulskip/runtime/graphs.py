@@ -1,4 +1,5 @@
-"""CUDA graphs for the decode step and for short prompt passes, captured on first use, then replayed.
+"""CUDA graphs for the decode step (and the speculative verify pass) and for short prompt passes,
+captured on first use, then replayed.
 
 A decode step of a 7B model is a few hundred small kernels; launched one by one from Python they cost
 more than the weights take to stream at batch 1. Every sequence shares the schedule, so the step is a
@@ -59,32 +60,42 @@ def _capture(fn, args, pool, device):
 
 
 class DecodeGraphs:
-    def __init__(self, decode_fn, max_batch_size: int, max_seq_len: int, device):
-        self.decode_fn, self.device = decode_fn, device
-        # The warm-up writes K/V at the last cache position of every row of the bucket: a live
-        # sequence writes every position before it reads it, so that slot never leaks into attention.
-        self.scratch_pos = max_seq_len - 1
+    """Decode steps (tokens [n]: one new token per sequence) and speculative verify passes (tokens [n, T]:
+    T new tokens per sequence from positions[b] on), a graph per (batch bucket, T, layer set)."""
+
+    def __init__(self, step_fn, max_batch_size: int, max_seq_len: int, device):
+        self.step_fn, self.device = step_fn, device
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.sizes = buckets(max_batch_size)
         self.graphs = {}
         self.pool = torch.cuda.graph_pool_handle()
-        self.tokens = torch.zeros(max_batch_size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        self.buffers = {}  # T (None: decode) -> static tokens [max_batch, (T)], positions [max_batch]
+
+    def _buffers(self, T):
+        if T not in self.buffers:
+            shape = (self.max_batch_size,) if T is None else (self.max_batch_size, T)
+            self.buffers[T] = (torch.zeros(shape, dtype=torch.long, device=self.device),
+                               torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device))
+        return self.buffers[T]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, layers: tuple) -> torch.Tensor:
         """One step of `layers` (a graph per batch bucket and layer set: one set for a static schedule)."""
         n = tokens.shape[0]
+        T = None if tokens.ndim == 1 else tokens.shape[1]
         b = _batch_bucket(self.sizes, n)
-        key = (b, tuple(layers))
+        key = (b, T, tuple(layers))
+        tok, pos = self._buffers(T)
         if key not in self.graphs:
-            self.positions[:b].fill_(self.scratch_pos)  # the warm-up really runs: keep it off live entries
-            self.graphs[key] = _capture(self.decode_fn, (self.tokens[:b], self.positions[:b], tuple(layers)),
-                                        self.pool, self.device)
+            # The warm-up really runs: it writes K/V at the last cache positions of every row of the bucket,
+            # which a live sequence writes before it reads them, so they never leak into attention.
+            pos[:b].fill_(self.max_seq_len - (T or 1))
+            self.graphs[key] = _capture(self.step_fn, (tok[:b], pos[:b], tuple(layers)), self.pool, self.device)
         graph, logits = self.graphs[key]
-        # padding rows decode token 0 at position 0 (one key to read) into cache rows no sequence uses
-        self.tokens[n:b].zero_()
-        self.positions[n:b].zero_()
-        self.tokens[:n].copy_(tokens)
-        self.positions[:n].copy_(positions)
+        # padding rows decode token 0 from position 0 into cache rows no sequence uses
+        tok[n:b].zero_()
+        pos[n:b].zero_()
+        tok[:n].copy_(tokens)
+        pos[:n].copy_(positions)
         graph.replay()
         return logits[:n]
 

@@ -28,12 +28,20 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None) -> torch.Tensor:
-    """Token ids [B] (int64) from logits [B, V]; temperature 0 or top_k 1 is greedy.
-
-    A draw without a host sync: argmax(p / E), E ~ Exp(1), is a draw from p."""
+    """Token ids [B] (int64) from logits [B, V]; temperature 0 or top_k 1 is greedy."""
     if temperature == 0 or top_k == 1:
         return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    # a filtered token has p == 0; should E ever be exactly 0, 0/0 = NaN would win argmax: keep it out
-    return torch.argmax((probs / noise).masked_fill(probs == 0, -1.0), dim=-1)
+    return draw(probabilities(logits, temperature, top_k, top_p), generator)
+
+
+def probabilities(logits, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
+    """The distribution sample() draws from: fp32 [B, V], filtered entries 0."""
+    return torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+
+
+def draw(weights: torch.Tensor, generator=None) -> torch.Tensor:
+    """One index per row of non-negative weights [B, V] (need not sum to 1), without a host sync:
+    argmax(w / E), E ~ Exp(1), is a draw proportional to w."""
+    noise = torch.empty_like(weights).exponential_(1, generator=generator)
+    # a filtered token has w == 0; should E ever be exactly 0, 0/0 = NaN would win argmax: keep it out
+    return torch.argmax((weights / noise).masked_fill(weights == 0, -1.0), dim=-1)

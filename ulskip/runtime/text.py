@@ -73,3 +73,15 @@ def find_stop(text: str, stops: list[str], new_from: int) -> int | None:
         if i >= 0 and (best is None or i < best):
             best = i
     return best
+
+
+def cut_at_stop(tokenizer, ids: list[int], stops: list[str]) -> tuple[list[int], bool]:
+    """ids up to and including the token whose text completes a stop string (as the streaming loop stops),
+    and whether one did: for sequences generated ahead of the check (speculative rounds)."""
+    text = IncrementalText(tokenizer)
+    for i, t in enumerate(ids):
+        before = len(text.text)
+        text.push(t)
+        if find_stop(text.text, stops, before) is not None:
+            return ids[:i + 1], True
+    return ids, False

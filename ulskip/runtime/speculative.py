@@ -1,0 +1,209 @@
+"""Self-speculative decoding, batched: the ULS schedule drafts, all layers verify, the output is the full
+model's (the lossless mode).
+
+Each round, every sequence of the batch
+  1. drafts k tokens: k decode steps through the draft layers (the ULS schedule at draft_speedup, a subset
+     of the layers the engine holds). They read the cache of the verified tokens, which the full model
+     wrote, and write their own K/V at the draft layers for the unverified positions only;
+  2. runs its last accepted token and the k drafts through all layers in one verify pass, which
+     overwrites those k + 1 positions at every layer (one KV cache, no second one for the draft);
+  3. keeps the drafts the full model agrees with, up to the first disagreement, plus the full model's own
+     token there: 1 to k + 1 new tokens.
+Greedy: a draft is kept when it is the full model's argmax, so the tokens are the full model's greedy
+decoding. Sampling: the rejection rule of Leviathan et al. / Chen et al. (2023) -- keep draft d with
+probability min(1, p(d) / q(d)), else draw from max(0, p - q) -- so the tokens are distributed as the full
+model's samples (p and q both after the same temperature / top-k / top-p), but seeded draws differ from
+non-speculative ones.
+
+Every sequence runs the same program (same layers, same k), so the batch drafts together and every draft
+step and verify pass replays a CUDA graph; rows advance by their own counts through per-row positions.
+Acceptance stays on the device; the one host sync is the "all finished" check, read one round late so
+the host never waits for the round it just queued.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+
+from ulskip.arguments import integer, number
+from ulskip.kernels.decode_attention import MAX_VERIFY_TOKENS
+from ulskip.runtime.sampling import draw, probabilities
+from ulskip.schedule import uls_schedule, validate_schedule
+
+MAX_DRAFT_TOKENS = MAX_VERIFY_TOKENS - 1  # the verify pass holds the last accepted token and the drafts
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    draft_speedup: float = 2.0   # the draft runs the ULS schedule of this speedup (> 1)
+    num_draft_tokens: int = 4    # k: drafts per round, 1 .. MAX_DRAFT_TOKENS
+
+    def __post_init__(self):
+        object.__setattr__(self, "num_draft_tokens", integer(
+            "num_draft_tokens", self.num_draft_tokens, 1, MAX_DRAFT_TOKENS,
+            what=f"an integer in [1, {MAX_DRAFT_TOKENS}]"))
+        object.__setattr__(self, "draft_speedup", number(
+            "draft_speedup", self.draft_speedup, 1, lo_open=True, what="a finite number > 1 (1 = no draft)"))
+
+
+def check_speculative(spec) -> SpeculativeConfig | None:
+    """None, a SpeculativeConfig or a dict of its fields -> a SpeculativeConfig (or None)."""
+    if spec is None or isinstance(spec, SpeculativeConfig):
+        return spec
+    if not isinstance(spec, dict):
+        raise ValueError(f"speculative must be None, a SpeculativeConfig or a dict with keys draft_speedup, "
+                         f"num_draft_tokens, got {spec!r}")
+    known = {f.name for f in fields(SpeculativeConfig)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"speculative has unknown keys {unknown}; allowed: {sorted(known)}")
+    return SpeculativeConfig(**spec)
+
+
+def _key(s: float) -> str:
+    return f"{s:g}"
+
+
+def trained_speedups(section: dict | None) -> list[float]:
+    """The speedups a checkpoint's ulskip section says it was fine-tuned for ([] without a section)."""
+    section = section or {}
+    if section.get("target_speedups"):
+        return [float(s) for s in section["target_speedups"]]
+    if section.get("target_speedup") is not None:
+        return [float(section["target_speedup"])]
+    return []
+
+
+def draft_layers(num_layers: int, spec: SpeculativeConfig, section: dict | None) -> list[int]:
+    """The draft's layers: the checkpoint's own schedule for draft_speedup when it lists one (a multi-speedup
+    fine-tune), else the ULS rule. Warns when the checkpoint was not trained to skip at that speedup."""
+    s = spec.draft_speedup
+    schedules = (section or {}).get("schedules") or {}
+    if _key(s) in schedules:
+        layers = validate_schedule(num_layers, schedules[_key(s)], require_ends=False)
+    else:
+        layers = uls_schedule(num_layers, s)
+    trained = trained_speedups(section)
+    if not any(math.isclose(s, t) for t in trained):
+        why = (f"it was fine-tuned for speedups {[_key(t) for t in trained]}" if trained else
+               "it was not fine-tuned for layer skipping (its config.json has no ulskip section)")
+        warnings.warn(f"speculative draft_speedup={_key(s)}: {why}, so the draft will agree with the full model "
+                      f"rarely and speculation may be slower than plain decoding; fine-tune with "
+                      f"`ulskip train --target-speedups 1,{_key(s)}`", stacklevel=3)
+    return layers
+
+
+def _round(engine, last, pos, k, draft, gen, rng, sampling):
+    """One draft + verify round -> (tokens [B, k + 1], n [B]): each row's new tokens are tokens[:, :n + 1]."""
+    tok, drafts, qs = last, [], []
+    for i in range(k):
+        logits = engine.decode(tok, pos + i, layers=draft)
+        if sampling:
+            q = probabilities(logits, gen.temperature, gen.top_k, gen.top_p)
+            tok = draw(q, rng)
+            qs.append(q)
+        else:
+            tok = torch.argmax(logits, dim=-1)
+        drafts.append(tok)
+    d = torch.stack(drafts, dim=1)                                      # [B, k]
+    logits = engine.verify(torch.cat([last[:, None], d], dim=1), pos)   # [B, k + 1, V]
+    if not sampling:
+        y = torch.argmax(logits, dim=-1)
+        # drafts kept up to the first disagreement; y[:, n] is the full model's token after them
+        return y, (d == y[:, :k]).long().cumprod(dim=1).sum(dim=1)
+    B, T, V = logits.shape
+    p = probabilities(logits.reshape(B * T, V), gen.temperature, gen.top_k, gen.top_p).view(B, T, V)
+    q = torch.stack(qs, dim=1)                                          # [B, k, V]
+    pd = p[:, :k].gather(2, d.unsqueeze(-1)).squeeze(-1)
+    qd = q.gather(2, d.unsqueeze(-1)).squeeze(-1)                       # > 0: d was drawn from q
+    u = torch.rand(B, k, device=p.device, generator=rng)
+    n = (u * qd < pd).long().cumprod(dim=1).sum(dim=1)                  # keep with probability min(1, p / q)
+    rows = torch.arange(B, device=p.device)
+    pn = p[rows, n]
+    qn = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, n]    # q = 0 after the last draft: draw p
+    residual = (pn - qn).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pn)  # p == q up to rounding
+    x = draw(residual, rng)
+    out = torch.cat([d, x[:, None]], dim=1)
+    out[rows, n] = x
+    return out, n
+
+
+class _LateFlag:
+    """done.all() read one round late: the copy is queued behind the round, and the host waits only for
+    the round before it, which the GPU has finished (or nearly) by the time the next one is queued."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.slots = [(torch.zeros(1, dtype=torch.bool, pin_memory=True), torch.cuda.Event()) for _ in range(2)]
+        self.i, self.pending = 0, None
+
+    def push(self, done: torch.Tensor) -> bool:
+        """Queue this round's flag; True once an earlier round's flag says every row is finished."""
+        if not self.cuda:
+            return bool(done.all())
+        host, event = self.slots[self.i]
+        host.copy_(done.all().view(1), non_blocking=True)
+        event.record()
+        prev, self.pending, self.i = self.pending, (host, event), 1 - self.i
+        if prev is None:
+            return False
+        prev[1].synchronize()
+        return bool(prev[0][0])
+
+
+def speculative_decode(engine, logits, lengths, gen, spec: SpeculativeConfig, draft: list[int]):
+    """The decode loop after the prompt pass (logits of each prompt's last token) -> (new tokens per row, cut
+    at max_new_tokens and after the first EOS; statistics)."""
+    B, dev, k = logits.shape[0], logits.device, spec.num_draft_tokens
+    sampling = gen.do_sample and gen.top_k != 1
+    rng = engine._rng(gen)
+    draft = tuple(draft)
+    max_new = gen.max_new_tokens
+    # a row writes its round's k + 1 tokens at count..count + k, past its end by up to k when it finishes;
+    # a finished row keeps running (one static program) from its frozen count
+    out = torch.zeros(B, max_new + 2 * (k + 1), dtype=torch.long, device=dev)
+    first = torch.argmax(logits, dim=-1) if not sampling else \
+        draw(probabilities(logits, gen.temperature, gen.top_k, gen.top_p), rng)
+    out[:, 0] = first
+    eos = torch.tensor(gen.eos_ids, dtype=torch.long, device=dev)
+    count = torch.ones(B, dtype=torch.long, device=dev)
+    done = count >= max_new
+    if len(gen.eos_ids):
+        done |= torch.isin(first, eos)
+    last, pos = first, lengths.clone()          # last: the newest token, not yet in the cache, at pos
+    ar = torch.arange(k + 1, device=dev)
+    accepted = torch.zeros((), dtype=torch.long, device=dev)
+    row_rounds = torch.zeros((), dtype=torch.long, device=dev)
+    flag, rounds = _LateFlag(dev), 0
+    for _ in range(max_new):                    # every live row gains >= 1 token per round
+        if flag.push(done):
+            break
+        tokens, n = _round(engine, last, pos, k, draft, gen, rng, sampling)
+        live = ~done
+        out.scatter_(1, count[:, None] + ar, tokens)
+        gained = torch.where(live, n + 1, 0)
+        accepted += torch.where(live, n, 0).sum()
+        row_rounds += live.sum()
+        count += gained
+        if len(gen.eos_ids):
+            done |= (torch.isin(tokens, eos) & (ar <= n[:, None])).any(dim=1) & live
+        done |= count >= max_new
+        pos += torch.where(done, 0, gained)     # a finished row's position stays inside the cache
+        last = tokens.gather(1, n[:, None]).squeeze(1)
+        rounds += 1
+    seqs = []
+    for row, c in zip(out.tolist(), count.tolist()):
+        row = row[:min(c, max_new)]
+        cut = next((i + 1 for i, t in enumerate(row) if t in gen.eos_ids), len(row))
+        seqs.append(row[:cut])
+    acc, rr = int(accepted), int(row_rounds)
+    stats = {"draft_speedup": spec.draft_speedup, "num_draft_tokens": k, "draft_layers": list(draft),
+             "rounds": rounds, "row_rounds": rr, "accepted_drafts": acc,
+             "acceptance_rate": acc / (k * rr) if rr else None,
+             "tokens_per_verify": (acc + rr) / rr if rr else None}
+    return seqs, stats
