@@ -266,3 +266,88 @@ def test_train_with_packing(ckpt, data, tmp_path, capsys):
     assert main(["train", "--model-name-or-path", bloom, "--train-file", data, "--output-dir", str(tmp_path / "b"),
                  "--packing", "--max-steps", "2"]) == 2
     assert "--packing needs a Llama-family model" in capsys.readouterr().err
+
+
+def test_train_several_speedups_resumes_with_the_same_draws(ckpt, data, tmp_path, monkeypatch, capsys):
+    """--target-speedups 1,2: config.json holds the set, every micro-batch's draw is keyed by (optimizer
+    step, micro-batch), a resumed run repeats the uninterrupted run's draws and weights, and the engine runs
+    the default (largest) schedule or, asked, another one of the set."""
+    import ulskip
+    from ulskip.train.apply_uls import SpeedupDraw
+
+    keys = []
+    advance = SpeedupDraw.advance
+    monkeypatch.setattr(SpeedupDraw, "advance", lambda self: keys.append(advance(self)) or keys[-1])
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    args = ["train", "--model-name-or-path", ckpt, "--train-file", data, "--target-speedups", "1,2",
+            "--speedup_weights", "1,1", "--speedup-draw", "micro-batch", "--gradient-accumulation-steps", "2",
+            "--save-steps", "2", *COMMON]
+    assert main([*args, "--output-dir", straight, "--max-steps", "4"]) == 0
+    assert "trained for speedups 1, 2 (default 2)" in capsys.readouterr().out
+    assert keys == [(s, m) for s in range(4) for m in range(2)]  # the callback's counter; eval probes draw none
+    drawn = [SpeedupDraw([1.0, 2.0], [1.0, 1.0], mode="micro-batch", seed=0).speedup_at(*k) for k in keys]
+    assert set(drawn) == {1.0, 2.0}, drawn
+    cfg = json.load(open(os.path.join(straight, "config.json")))
+    assert cfg["ulskip"] == {"kept_layers": [0, 3], "num_layers": 4, "target_speedup": 2.0, "strategy": "paper",
+                             "prefill": "full", "target_speedups": [1.0, 2.0], "speedup_weights": [1.0, 1.0],
+                             "schedules": {"1": [0, 1, 2, 3], "2": [0, 3]}, "speedup_draw": "micro-batch"}
+    keys.clear()
+    assert main([*args, "--output-dir", resumed, "--max-steps", "2"]) == 0
+    keys.clear()
+    assert main([*args, "--output-dir", resumed, "--max-steps", "4", "--resume-from-checkpoint", "latest"]) == 0
+    assert keys == [(s, m) for s in (2, 3) for m in range(2)]
+    a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert ulskip.Engine.from_pretrained(straight).kept_layers == [0, 3]
+    assert ulskip.Engine.from_pretrained(straight, target_speedup=1).kept_layers == [0, 1, 2, 3]
+    # resuming it under another set of schedules is refused
+    capsys.readouterr()
+    assert main(["train", "--model-name-or-path", ckpt, "--train-file", data, "--output-dir", resumed,
+                 "--max-steps", "6", "--resume-from-checkpoint", "latest", *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with target_speedups [1.0, 2.0], this run's flags give None" in err, err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--target-speedups", "1,x"], "--target-speedups must be comma-separated numbers (e.g. 1,2,3), got '1,x'"),
+    (["--target-speedups", "1,nan"], "--target-speedups must be comma-separated finite numbers >= 1"),
+    (["--target-speedups", "0.5,2"], "--target-speedups must be comma-separated finite numbers >= 1"),
+    (["--target-speedups", "2,1,2"], "--target-speedups must be distinct speedups (each listed once), got '2,1,2'"),
+    (["--target-speedups", "1,2", "--speedup-weights", "1"], "--speedup-weights must be one weight per "
+                                                             "--target-speedups value (2), got '1'"),
+    (["--target-speedups", "1,2", "--speedup-weights", "1,-1"], "--speedup-weights must be comma-separated "
+                                                                "finite numbers >= 0"),
+    (["--target-speedups", "1,2", "--speedup-weights", "0,0"], "--speedup-weights must be weights not all 0"),
+    (["--speedup-weights", "1,1"], "--speedup-weights weigh the --target-speedups: give --target-speedups too"),
+    (["--target-speedup", "3", "--target-speedups", "1,2"], "--target-speedup 3 is not one of --target-speedups 1,2"),
+    (["--target-speedups", "1,2", "--strategy", "skipdecode"], "--strategy skipdecode trains one per-position"),
+    (["--draft-boundary", "random", "--prefill", "skip"], "--draft-boundary random moves where"),
+    (["--target-speedups", "1,3"], "target_speedup must be in [1, 2] for 4 layers"),  # the schedule's own check
+])
+def test_several_speedups_bad_flags(ckpt, data, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(["train", "--model-name-or-path", ckpt, "--train-file", data, "--output-dir", str(out),
+                 "--max-steps", "1", *extra]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ulskip train:")]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
+
+
+def test_several_speedups_flag_spellings():
+    import argparse
+
+    from ulskip.cli import train
+    from ulskip.train.safety import speedup_flags
+
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    need = ["--model-name-or-path", "m", "--train-file", "d", "--output-dir", "o"]
+    dashed = p.parse_args([*need, "--target-speedups", "3,1", "--speedup-weights", "1,2", "--speedup-draw",
+                           "micro-batch", "--draft-boundary", "random"])
+    under = p.parse_args([*need, "--target_speedups", "3,1", "--speedup_weights", "1,2", "--speedup_draw",
+                          "micro-batch", "--draft_boundary", "random"])
+    assert vars(dashed) == vars(under) and speedup_flags(dashed) == ([3.0, 1.0], [1.0, 2.0])
+    assert speedup_flags(p.parse_args(need)) == ([2.0], None)  # no flag: 2x, as before
+    assert speedup_flags(p.parse_args([*need, "--target-speedup", "3"])) == ([3.0], None)
+    assert speedup_flags(p.parse_args([*need, "--target-speedup", "1", "--target-speedups", "1,2"]))[0] == [1.0, 2.0]

@@ -5,6 +5,9 @@
     torchrun --nproc_per_node 2 -m ulskip.cli train ...          # DDP
     ... --deepspeed examples/deepspeed_zero2.json               # ZeRO-2/3 (pip install deepspeed)
 
+Several speedups in one checkpoint: --target-speedups 1,2,3 [--speedup-weights 1,1,2] [--speedup-draw
+step|micro-batch]; each training forward runs one drawn schedule (ulskip/train/apply_uls.py, SpeedupDraw).
+
 Every flag also takes its underscore spelling (--target_speedup, --model_name_or_path, ...): the
 paper's and transformers' commands run as they are.
 
@@ -55,8 +58,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "overwrite_output_dir", action="store_true",
          help="remove a previous run's model files and checkpoint-* folders from --output-dir before training "
               "(other files stay; default: a non-empty --output-dir is refused)")
-    flag(p, "target_speedup", type=float, default=2.0, help="target layer speedup s: keep floor(L / s) layers "
-         "(default %(default)s)")
+    flag(p, "target_speedup", type=float, default=None, help="target layer speedup s: keep floor(L / s) layers "
+         "(default 2; with --target-speedups it may only repeat one of them)")
+    flag(p, "target_speedups", default=None,
+         help="train one checkpoint for several speedups, comma-separated (e.g. 1,2,3; 1 = every layer): each "
+              "training forward runs one of their schedules, drawn from --seed and the step; the checkpoint's "
+              "default schedule is the largest, `ulskip eval/generate --target-speedup s` runs another "
+              "(default: none, one speedup)")
+    flag(p, "speedup_weights", default=None,
+         help="with --target-speedups: comma-separated draw weights >= 0, one per speedup (default: uniform)")
+    flag(p, "speedup_draw", default="step", choices=["step", "micro-batch"],
+         help="with --target-speedups: one schedule per optimizer step, or one per micro-batch of "
+              "--gradient-accumulation-steps (default %(default)s)")
+    flag(p, "draft_boundary", default="prefix", choices=["prefix", "random"],
+         help="random: each training record's skip path starts at a drawn point inside its response (the "
+              "stretch before it runs every layer, as verified tokens do in self-speculative decoding; the loss "
+              "stays on the whole response); needs --prefill full, no --packing (default %(default)s: at the "
+              "prefix end)")
     flag(p, "strategy", default="paper", choices=STRATEGIES + DYNAMIC_STRATEGIES,
          help="layer policy (default %(default)s: the ULS rule; baselines: even, early-exit, shortgpt, random, "
               "skipdecode)")
@@ -172,6 +190,9 @@ def run(args) -> int:
               "from the newest complete checkpoint)", file=sys.stderr)
         return 130
     if trainer.is_world_process_zero():
-        print(f"ulskip train: saved to {args.output_dir} (kept layers {model.config.ulskip['kept_layers']}, "
-              f"prefill {model.config.ulskip['prefill']})")
+        sec = model.config.ulskip
+        many = (f", trained for speedups {', '.join(sec['schedules'])} (default {sec['target_speedup']:g})"
+                if "schedules" in sec else "")
+        print(f"ulskip train: saved to {args.output_dir} (kept layers {sec['kept_layers']}{many}, "
+              f"prefill {sec['prefill']})")
     return 0

@@ -18,8 +18,18 @@ The cut happens in the layer's __call__, outside transformers' gradient checkpoi
 layer's forward), so the recomputation in backward sees exactly the cut inputs of the forward.
 The prefix of each row is `prefix_lengths` (a [batch] tensor passed to the forward) or, without it, the
 position of the row's first label that is not -100 (the first response token); at least 1.
+
+Several speedups (target_speedups=[1, 2, 3]): one checkpoint trained for every listed schedule. Each
+training forward runs ONE of them, drawn by SpeedupDraw from (seed, optimizer step, micro-batch) only, so
+every DDP rank draws the same one and a resumed run repeats an uninterrupted one's draws; within that
+forward the ULS semantics above hold unchanged. Eval-mode forwards run the default schedule (the largest
+speedup, the one config.json's kept_layers names).
 """
 from __future__ import annotations
+
+import math
+import numbers
+import random
 
 import torch
 
@@ -37,9 +47,15 @@ def decoder_layers(model):
 class _ULSContext:
     """What the layers of one model need to know about the forward in flight."""
 
-    def __init__(self, kept, prefill):
-        self.kept = set(kept)
+    def __init__(self, runs, prefill, draw=None, draft_boundary="prefix"):
+        # runs[i]: None = every token runs layer i (kept); J = the prefix and the first J response tokens
+        # run it (0 for a skipped layer; SkipDecode's lower layers: J > 0). With several speedups `draw`
+        # swaps in the drawn schedule's runs for each training forward.
+        self.runs = self.default_runs = runs
         self.prefill = prefill
+        self.draw = draw
+        self.draft_boundary = draft_boundary
+        self.speedup = None       # several speedups: the speedup of the forward in flight (or the last one)
         self.active = False
         self.p_max = 0
         self.prefix_lengths = None  # [B]
@@ -48,13 +64,24 @@ class _ULSContext:
         self.seq_len = 0
         self.tuple_out = None     # whether the layers return (hidden, ...) tuples; learned from layer 0
 
-    def begin(self, prefix_lengths, labels, batch, seq_len, device, response_index=None):
+    def begin(self, prefix_lengths, labels, batch, seq_len, device, response_index=None, training=False):
         self.seq_len = seq_len
         self.active = True
         self.response_index = None
+        # draw once per forward, before anything else: an eval-mode forward neither draws nor advances
+        key = self.draw.advance() if training and self.draw is not None else None
+        if key is not None and self.draw.speedups is not None:
+            self.speedup = self.draw.speedup_at(*key)
+            self.runs = self.draw.runs[self.speedup]
+        elif self.draw is not None and self.draw.speedups is not None:
+            self.speedup = self.draw.default
+            self.runs = self.default_runs
         if self.prefill == "skip":
             return
         if response_index is not None:  # packed rows (train/data.py PackingCollator)
+            if key is not None and self.draft_boundary == "random":
+                raise ValueError("draft_boundary='random' moves each row's prefix/response boundary: it needs "
+                                 "unpacked rows (prefix_lengths), not packed ones (response_index)")
             ri = torch.as_tensor(response_index, device=device).long()
             if ri.shape != (batch, seq_len):
                 raise ValueError(f"response_index must be [batch, seq] = {[batch, seq_len]}, got {list(ri.shape)}")
@@ -72,6 +99,8 @@ class _ULSContext:
         else:  # no way to tell: the whole sequence is prefix (plain full-model forward)
             pl = torch.full((batch,), seq_len, device=device, dtype=torch.long)
         pl = pl.clamp(1, seq_len)
+        if key is not None and self.draft_boundary == "random":
+            pl = self.draw.boundaries(key, pl, labels, seq_len)
         self.p_max = int(pl.max())
         self.prefix_lengths = pl
         self.keeps = {}
@@ -130,9 +159,8 @@ class _ULSLayerMixin:
         ctx: _ULSContext = self._ulskip_ctx
         if not ctx.active or hidden_states.shape[1] != ctx.seq_len:
             return super().__call__(hidden_states, *args, **kwargs)
-        # _ulskip_runs: None = every token runs this layer (a kept layer); J = the prefix and the first J
-        # response tokens run it (0 for a skipped layer; SkipDecode's lower layers: J > 0)
-        if self._ulskip_runs is None:
+        runs = ctx.runs[self._ulskip_index]  # this forward's schedule (_ULSContext.runs)
+        if runs is None:
             out = super().__call__(hidden_states, *args, **kwargs)
             ctx.tuple_out = isinstance(out, tuple)
             return out
@@ -141,7 +169,7 @@ class _ULSLayerMixin:
         if args:
             raise ValueError("apply_uls expects the decoder layer's arguments after hidden_states by name")
         T = hidden_states.shape[1]
-        P, keep = ctx.keep(self._ulskip_runs)
+        P, keep = ctx.keep(runs)
         cut = {k: _cut(k, v, T, P) for k, v in kwargs.items()}
         h_in = hidden_states[:, :P]
         out = super().__call__(h_in, **cut)
@@ -150,6 +178,101 @@ class _ULSLayerMixin:
         if P < T:
             h = torch.cat([h, hidden_states[:, P:]], dim=1)
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+
+SPEEDUP_DRAWS = ("step", "micro-batch")
+DRAFT_BOUNDARIES = ("prefix", "random")
+
+
+class SpeedupDraw:
+    """What each training forward draws: which listed schedule it runs (several speedups) and, with
+    draft_boundary="random", where each row's skip path starts. Every draw comes from
+    random.Random(f"{seed}:{step}:{micro}"), a function of the seed and the counter alone: DDP ranks agree
+    without talking, and a resumed run repeats an uninterrupted one. The counter is set by a Trainer callback
+    (ulskip.train.trainer.speedup_draw_callback: step = optimizer step, micro = micro-batch within it); with
+    none driving it (plain Python), every training forward is the next step."""
+
+    def __init__(self, speedups=None, weights=None, runs=None, mode="step", seed=0):
+        self.speedups = speedups  # sorted; None when only the boundary is drawn (one speedup)
+        self.weights = weights
+        self.runs = runs or {}    # speedup -> per-layer runs (_ULSContext.runs)
+        self.default = speedups[-1] if speedups else None
+        self.mode, self.seed = mode, seed
+        self.step, self.micro = 0, 0
+        self.driven = False       # a Trainer callback sets step/micro; forwards then do not advance them
+
+    def speedup_at(self, step: int, micro: int = 0) -> float:
+        """The speedup drawn for micro-batch `micro` of optimizer step `step`."""
+        m = micro if self.mode == "micro-batch" else 0  # "step": one schedule for all its micro-batches
+        return random.Random(f"{self.seed}:{step}:{m}").choices(self.speedups, weights=self.weights)[0]
+
+    def advance(self):
+        """The (step, micro) of the training forward in flight."""
+        key = (self.step, self.micro)
+        if not self.driven:
+            self.step += 1
+        return key
+
+    def boundaries(self, key, prefix_lengths, labels, seq_len):
+        """draft_boundary="random": each row's boundary moved from the prefix end p to p + k, k uniform in
+        [0, r - 2] for a response of r tokens (labels: up to the last one not -100; else to seq_len), so that
+        the logits of at least one response position still come from the skip path. The stretch before the
+        new boundary runs all layers, as tokens verified in self-speculative decoding have."""
+        pl = prefix_lengths
+        if labels is not None:
+            resp = labels.to(pl.device) != -100
+            last = seq_len - torch.argmax(resp.flip(1).int(), dim=1)  # one past the last response token
+            end = torch.where(resp.any(dim=1), last, pl)
+        else:
+            end = torch.full_like(pl, seq_len)
+        span = (end - pl - 1).clamp(min=1)  # choices for k: r - 1 (k = 0 when r <= 2)
+        rng = random.Random(f"{self.seed}:{key[0]}:{key[1]}:boundary")  # per micro-batch: rows differ
+        u = torch.tensor([rng.random() for _ in range(pl.numel())], dtype=torch.float64, device=pl.device)
+        return pl + (u * span).floor().long()
+
+
+def speedup_draw(model):
+    """The SpeedupDraw of a model prepared by apply_uls with several speedups (or a random draft boundary),
+    else None."""
+    state = getattr(model, "_ulskip_train", None)
+    return getattr(getattr(state, "uls", None), "draw", None)
+
+
+def _runs(num_layers, kept, dynamic=None):
+    return [dynamic.response_tokens(i) if dynamic else (None if i in kept else 0) for i in range(num_layers)]
+
+
+def _speedup_set(num_layers, target_speedups, speedup_weights, strategy, layer_seed, block_influence):
+    """(sorted speedups as floats, their weights, speedup -> kept layers), every bad input refused."""
+    if isinstance(target_speedups, (str, bytes)) or not hasattr(target_speedups, "__iter__"):
+        raise ValueError(f"target_speedups must be a list of numbers, got {target_speedups!r}")
+    raw = list(target_speedups)
+    if not raw:
+        raise ValueError("target_speedups must list at least one speedup, got []")
+    # uls_schedule's own error for a value it refuses (bool, nan, < 1, too few layers left)
+    kept = [uls_schedule(num_layers, s, strategy, seed=layer_seed, block_influence=block_influence) for s in raw]
+    speeds = [float(s) for s in raw]
+    dup = next((s for i, s in enumerate(speeds) if s in speeds[:i]), None)
+    if dup is not None:
+        raise ValueError(f"target_speedups lists {dup:g} twice ({raw!r}): give each speedup once")
+    if speedup_weights is None:
+        weights = [1.0] * len(speeds)
+    else:
+        if isinstance(speedup_weights, (str, bytes)) or not hasattr(speedup_weights, "__iter__"):
+            raise ValueError(f"speedup_weights must be a list of numbers, got {speedup_weights!r}")
+        weights = list(speedup_weights)
+        if len(weights) != len(speeds):
+            raise ValueError(f"speedup_weights must hold one weight per speedup ({len(speeds)} for {raw!r}), "
+                             f"got {len(weights)}: {weights!r}")
+        if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                   for w in weights):
+            raise ValueError(f"speedup_weights must be finite numbers >= 0, got {weights!r}")
+        if not any(w > 0 for w in weights):
+            raise ValueError(f"speedup_weights must not all be 0 (no schedule could be drawn), got {weights!r}")
+        weights = [float(w) for w in weights]
+    order = sorted(range(len(speeds)), key=speeds.__getitem__)
+    return ([speeds[i] for i in order], [weights[i] for i in order],
+            {speeds[i]: kept[i] for i in order})
 
 
 _CLASSES: dict = {}
@@ -166,7 +289,8 @@ def _uls_class(cls):
 
 def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str = "full", schedule=None,
               fused_kernels: bool = False, layer_seed: int = 0, block_influence=None,
-              skipdecode_horizon: int = SKIPDECODE_HORIZON):
+              skipdecode_horizon: int = SKIPDECODE_HORIZON, *, target_speedups=None, speedup_weights=None,
+              speedup_draw: str = "step", draw_seed: int = 0, draft_boundary: str = "prefix"):
     """Prepare `model` (a transformers Llama/Mistral/Qwen2/Bloom causal LM) for ULS fine-tuning, in place.
 
     The kept layers are `schedule` if given, else `uls_schedule(L, target_speedup, strategy)` (any layer
@@ -176,19 +300,55 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
     save_pretrained writes it into config.json (the engine's default schedule). With prefill="skip" the
     skipped layers never run, so their parameters are frozen (requires_grad=False; DDP needs every
     trainable parameter used). `fused_kernels=True` also calls `patch_model(model)`. Returns the model.
+
+    Several speedups (instead of target_speedup): target_speedups=[1, 2, 3] trains one checkpoint for all of
+    them; each training forward runs one schedule uls_schedule(L, s, strategy), drawn with speedup_weights
+    (default uniform) from (draw_seed, step, micro) by SpeedupDraw; speedup_draw="step" (one schedule per
+    optimizer step: micro stays 0) or "micro-batch". The default schedule (kept_layers, target_speedup, and
+    every eval-mode forward) is the largest speedup; the section also records target_speedups (sorted),
+    speedup_weights, schedules ({f"{s:g}": kept layers}) and speedup_draw. With prefill="skip" a layer is
+    frozen only if no listed schedule keeps it. A one-element list is target_speedup (today's section).
+    draft_boundary="random" (prefill "full", unpacked rows): each training row's prefix/response boundary
+    moves to a drawn point inside its response (SpeedupDraw.boundaries); the loss stays on every response token.
     """
     check_prefill(prefill)
+    if speedup_draw not in SPEEDUP_DRAWS:
+        raise ValueError(f"speedup_draw must be one of {SPEEDUP_DRAWS}, got {speedup_draw!r}")
+    if draft_boundary not in DRAFT_BOUNDARIES:
+        raise ValueError(f"draft_boundary must be one of {DRAFT_BOUNDARIES}, got {draft_boundary!r}")
+    if isinstance(draw_seed, bool) or not isinstance(draw_seed, numbers.Integral):
+        raise ValueError(f"draw_seed must be an integer, got {draw_seed!r}")
     layers = decoder_layers(model)
     L = len(layers)
     dynamic = None
+    multi = None  # several speedups: (sorted speedups, weights, speedup -> kept layers)
+    if target_speedups is not None:
+        if target_speedup is not None or schedule is not None:
+            raise ValueError("give target_speedups alone, not with target_speedup or schedule (the default schedule "
+                             "is the largest listed speedup)")
+        if strategy in DYNAMIC_STRATEGIES:
+            ts = [target_speedups] if isinstance(target_speedups, (str, bytes)) else list(target_speedups)
+            if len(ts) != 1:
+                raise ValueError("skipdecode trains one per-position depth schedule: it takes one speedup, got "
+                                 f"target_speedups {ts!r}")
+            target_speedup = ts[0]
+        else:
+            multi = _speedup_set(L, target_speedups, speedup_weights, strategy, layer_seed, block_influence)
+            if len(multi[0]) == 1:  # one speedup: exactly a target_speedup run (today's section)
+                target_speedup, multi = multi[0][0], None
+    elif speedup_weights is not None:
+        raise ValueError("speedup_weights weigh the target_speedups: give target_speedups too")
     if schedule is not None:
         kept = validate_schedule(L, schedule)
         if target_speedup is None:
             target_speedup = layer_speedup(L, kept)
         strategy = "custom"
+    elif multi is not None:
+        target_speedup = multi[0][-1]
+        kept = multi[2][target_speedup]
     else:
         if target_speedup is None:
-            raise ValueError("apply_uls needs target_speedup (or an explicit schedule)")
+            raise ValueError("apply_uls needs target_speedup (or target_speedups, or an explicit schedule)")
         if strategy in DYNAMIC_STRATEGIES:
             if prefill != "full":
                 raise ValueError("skipdecode runs the prompt through all layers: prefill must be 'full'")
@@ -196,7 +356,22 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
             kept = dynamic.union
         else:
             kept = uls_schedule(L, target_speedup, strategy, seed=layer_seed, block_influence=block_influence)
-    ctx = _ULSContext(kept, prefill)
+    if draft_boundary == "random" and (prefill != "full" or dynamic is not None):
+        raise ValueError("draft_boundary='random' moves where the skip path starts inside the response: it needs "
+                         "prefill='full' and a static layer policy (not skipdecode)")
+    draw = None
+    if multi is not None:
+        speeds, weights, kept_by = multi
+        draw = SpeedupDraw(speeds, weights, {s: _runs(L, set(k)) for s, k in kept_by.items()}, speedup_draw,
+                           int(draw_seed))
+    elif draft_boundary == "random":
+        draw = SpeedupDraw(mode=speedup_draw, seed=int(draw_seed))
+    runs = _runs(L, set(kept), dynamic)
+    # with several schedules a layer is frozen only if none of them runs it
+    used = set().union(*multi[2].values()) if multi is not None else set(kept)
+    ctx = _ULSContext(runs, prefill, draw, draft_boundary)
+    if multi is not None:
+        ctx.speedup = draw.default
     # a skipped layer must return what the layer class returns; learned from the first kept layer that runs,
     # but with prefill="skip" the first layers may all be skipped (random, shortgpt): Bloom's blocks return
     # tuples, the Llama family's layers a tensor (transformers 5)
@@ -204,8 +379,8 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
     for i, layer in enumerate(layers):
         layer.__class__ = _uls_class(type(layer))
         layer._ulskip_ctx = ctx
-        layer._ulskip_runs = dynamic.response_tokens(i) if dynamic else (None if i in ctx.kept else 0)
-        if prefill == "skip" and i not in ctx.kept:
+        layer._ulskip_index = i
+        if prefill == "skip" and i not in used:
             for p in layer.parameters():
                 p.requires_grad_(False)
     state = install_forward(model)
@@ -215,6 +390,12 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
                            "prefill": prefill}
     if dynamic is not None:
         model.config.ulskip["skipdecode"] = dynamic.as_dict()
+    if multi is not None:
+        speeds, weights, kept_by = multi
+        model.config.ulskip.update(target_speedups=speeds, speedup_weights=weights,
+                                   schedules={f"{s:g}": list(kept_by[s]) for s in speeds}, speedup_draw=speedup_draw)
+    if draft_boundary != "prefix":
+        model.config.ulskip["draft_boundary"] = draft_boundary
     if fused_kernels:
         patch_model(model)
     return model

@@ -161,10 +161,13 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, p
             # and only without an attention mask; Bloom derives ALiBi and its mask from attention_mask alone
             raise ValueError("packed rows (response_index) need position_ids restarting per record, no "
                              "attention_mask, and a Llama-family model (Bloom cannot pack)")
-        uls.begin(prefix_lengths, labels, ref.shape[0], ref.shape[1], ref.device, response_index)
     elif prefix_lengths is not None or response_index is not None:
         raise ValueError("prefix_lengths / response_index are only meaningful after ulskip.train.apply_uls(model, ...)")
     try:
+        if uls is not None:  # inside the try: a refused input still ends the forward's ULS state
+            # training: several speedups draw this forward's schedule; eval mode runs the default one
+            uls.begin(prefix_lengths, labels, ref.shape[0], ref.shape[1], ref.device, response_index,
+                      training=self.training)
         if state.fused_ce and labels is not None and not kwargs.get("output_hidden_states") \
                 and not kwargs.get("output_attentions"):
             return _fused_ce_forward(self, input_ids, attention_mask, labels, **kwargs)

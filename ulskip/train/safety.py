@@ -84,8 +84,7 @@ def check_args(args) -> None:
           "a finite number >= 0 (default 0)")
     _need(_finite(args.warmup_ratio) and 0 <= args.warmup_ratio < 1, "warmup-ratio", args.warmup_ratio,
           "in [0, 1) (default 0.03)")
-    _need(_finite(args.target_speedup) and args.target_speedup >= 1, "target-speedup", args.target_speedup,
-          "a finite number >= 1 (default 2)")
+    check_speedup_args(args)
     _need(_finite(args.num_train_epochs) and args.num_train_epochs >= 0, "num-train-epochs",
           args.num_train_epochs, "a finite number > 0 (default 3)")
     _need(args.max_steps == -1 or args.max_steps >= 1, "max-steps", args.max_steps,
@@ -137,6 +136,70 @@ def check_args(args) -> None:
             import deepspeed  # noqa: F401
         except ImportError:
             raise TrainError("--deepspeed needs the optional package deepspeed (pip install deepspeed)") from None
+
+
+def _numbers(v, flag: str):
+    """A flag's comma-separated numbers: the CLI's string "1,2,3", or a list from Python; None stays None."""
+    if v is None:
+        return None
+    try:
+        parts = [x.strip() for x in v.split(",")] if isinstance(v, str) else list(v)
+        if not parts or any(isinstance(x, bool) for x in parts):
+            raise ValueError
+        return [float(x) for x in parts]
+    except (TypeError, ValueError):
+        raise TrainError(f"--{flag} must be comma-separated numbers (e.g. 1,2,3), got {_fmt(v)}") from None
+
+
+def speedup_flags(args):
+    """(the speedups to train, their draw weights or None) from --target-speedups / --speedup-weights, else
+    the one --target-speedup (2 when it is not given either)."""
+    many = _numbers(getattr(args, "target_speedups", None), "target-speedups")
+    weights = _numbers(getattr(args, "speedup_weights", None), "speedup-weights")
+    single = args.target_speedup
+    if many is None:
+        if weights is not None:
+            raise TrainError("--speedup-weights weigh the --target-speedups: give --target-speedups too")
+        return [2.0 if single is None else single], None
+    if single is not None and single not in many:
+        raise TrainError(f"--target-speedup {_fmt(float(single))} is not one of --target-speedups "
+                         f"{','.join(f'{s:g}' for s in many)}: give one of the two (the checkpoint's default "
+                         "schedule is the largest listed speedup)")
+    return many, weights
+
+
+def check_speedup_args(args) -> None:
+    """--target-speedup(s), --speedup-weights, --speedup-draw and --draft-boundary, one line each."""
+    listed = getattr(args, "target_speedups", None)
+    speeds, weights = speedup_flags(args)
+    if listed is None:
+        _need(_finite(speeds[0]) and speeds[0] >= 1, "target-speedup", speeds[0], "a finite number >= 1 (default 2)")
+    else:
+        raw = listed if isinstance(listed, str) else ",".join(f"{s:g}" for s in speeds)
+        _need(all(_finite(s) and s >= 1 for s in speeds), "target-speedups", raw,
+              "comma-separated finite numbers >= 1, e.g. 1,2,3 (1 keeps every layer)")
+        _need(len(set(speeds)) == len(speeds), "target-speedups", raw, "distinct speedups (each listed once)")
+        if len(speeds) > 1 and args.strategy in ("skipdecode",):
+            raise TrainError(f"--strategy skipdecode trains one per-position depth schedule: it takes one "
+                             f"--target-speedup, got --target-speedups {raw}")
+        if weights is not None:
+            w_raw = args.speedup_weights if isinstance(args.speedup_weights, str) else \
+                ",".join(f"{w:g}" for w in weights)
+            _need(len(weights) == len(speeds), "speedup-weights", w_raw,
+                  f"one weight per --target-speedups value ({len(speeds)})")
+            _need(all(_finite(w) and w >= 0 for w in weights), "speedup-weights", w_raw,
+                  "comma-separated finite numbers >= 0 (default: uniform)")
+            _need(any(w > 0 for w in weights), "speedup-weights", w_raw,
+                  "weights not all 0 (no schedule could be drawn)")
+    draw = getattr(args, "speedup_draw", "step")
+    _need(draw in ("step", "micro-batch"), "speedup-draw", draw, "one of step, micro-batch (default step)")
+    boundary = getattr(args, "draft_boundary", "prefix")
+    _need(boundary in ("prefix", "random"), "draft-boundary", boundary, "one of prefix, random (default prefix)")
+    if boundary == "random":
+        if args.prefill != "full" or args.strategy == "skipdecode" or getattr(args, "packing", False):
+            raise TrainError("--draft-boundary random moves where each record's skip path starts inside its "
+                             "response: it needs --prefill full, a static --strategy (not skipdecode) and no "
+                             "--packing")
 
 
 def uses_loss_scaling(args) -> bool:
@@ -292,11 +355,16 @@ def check_resume_schedule(checkpoint: str, ulskip_section: dict) -> None:
         return
     if not isinstance(theirs, dict):
         return
-    for key in ("kept_layers", "prefill", "skipdecode"):
+    # several speedups: the whole set of schedules must match (a one-speedup section has neither key)
+    for key in ("kept_layers", "prefill", "skipdecode", "target_speedups", "schedules"):
         if theirs.get(key) != ulskip_section.get(key):
             raise TrainError(f"--resume-from-checkpoint {checkpoint!r} was trained with {key} {theirs.get(key)}, "
                              f"this run's flags give {ulskip_section.get(key)}: give the schedule flags of that run "
-                             "(--target-speedup, --strategy, --prefill, ...) or another --output-dir")
+                             "(--target-speedup(s), --strategy, --prefill, ...) or another --output-dir")
+    for key in ("speedup_weights", "speedup_draw"):
+        if theirs.get(key) != ulskip_section.get(key):
+            warn(f"--resume-from-checkpoint {checkpoint!r} was trained with {key} {theirs.get(key)}, this run "
+                 f"draws with {ulskip_section.get(key)}: from here on it draws other schedules than that run would")
 
 
 # ------------------------------------------------------------------------------------------ output folder

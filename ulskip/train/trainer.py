@@ -3,7 +3,8 @@ model (frozen embeddings, ULS, fused kernels) and transformers' Trainer.
 
 Built on transformers' Trainer (progress bar, logged loss, checkpoints every --save-steps, resume).
 The output folder holds the model, the tokenizer and config.json with an `ulskip` section (kept layers,
-target speedup, strategy, prefill) that `ulskip.Engine.from_pretrained` uses as its default schedule.
+target speedup, strategy, prefill; with --target-speedups every trained schedule) that
+`ulskip.Engine.from_pretrained` uses as its default schedule.
 
 The guards (checks and file handling in ulskip/train/safety.py): `trainer_class()` stops on a non-finite
 loss at every step and writes each checkpoint-N atomically; `safety_callback()` stops on a non-finite
@@ -21,14 +22,19 @@ import sys
 def training_args(args):
     from transformers import TrainingArguments
 
+    from ulskip.train.safety import speedup_flags
+
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    # prefill "skip" with several schedules: a forward drawing a faster schedule leaves the layers only the
+    # slower ones keep unused, which DDP must be told about (else it waits for their gradients)
+    unused = args.prefill == "skip" and len(speedup_flags(args)[0]) > 1
     kw = dict(output_dir=args.output_dir, per_device_train_batch_size=args.per_device_train_batch_size,
               gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
               num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
               lr_scheduler_type=args.lr_scheduler_type, weight_decay=args.weight_decay, bf16=args.bf16,
               fp16=args.fp16, deepspeed=args.deepspeed, save_strategy="steps", save_steps=args.save_steps,
               save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, seed=args.seed,
-              report_to="none", remove_unused_columns=False, ddp_find_unused_parameters=False,
+              report_to="none", remove_unused_columns=False, ddp_find_unused_parameters=unused,
               gradient_checkpointing=args.gradient_checkpointing,
               dataloader_num_workers=args.dataloader_num_workers)
     if args.gradient_checkpointing and "gradient_checkpointing_kwargs" in fields:
@@ -74,10 +80,10 @@ def build_trainer(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from ulskip.calibration import read_block_influence
-    from ulskip.train.apply_uls import apply_uls
+    from ulskip.train.apply_uls import apply_uls, speedup_draw
     from ulskip.train.data import (PackedULSDataset, PackingCollator, StreamingULSDataset, ULSCollator, ULSDataset,
                                    resolve_files)
-    from ulskip.train.safety import TrainError, check_args, check_model_folder, uses_loss_scaling
+    from ulskip.train.safety import TrainError, check_args, check_model_folder, speedup_flags, uses_loss_scaling
 
     check_args(args)  # again here: build_trainer is also called from Python, without the CLI's checks first
     check_model_folder(args.model_name_or_path)
@@ -111,8 +117,12 @@ def build_trainer(args):
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype, local_files_only=True)
     if args.freeze_emb:
         model.get_input_embeddings().weight.requires_grad_(False)  # tied: the LM head is the same tensor
-    apply_uls(model, target_speedup=args.target_speedup, strategy=args.strategy, prefill=args.prefill,
-              layer_seed=args.layer_seed, block_influence=bi, skipdecode_horizon=args.skipdecode_horizon)
+    speedups, weights = speedup_flags(args)
+    # the draws of several schedules (and of a random draft boundary) follow --seed and the step counter
+    apply_uls(model, target_speedups=speedups, speedup_weights=weights, strategy=args.strategy, prefill=args.prefill,
+              layer_seed=args.layer_seed, block_influence=bi, skipdecode_horizon=args.skipdecode_horizon,
+              speedup_draw=getattr(args, "speedup_draw", "step"), draw_seed=args.seed,
+              draft_boundary=getattr(args, "draft_boundary", "prefix"))
     teacher = None
     if args.distill_from:
         # the teacher's logits on the response tokens are the student's second target: the fused loss, which
@@ -134,10 +144,12 @@ def build_trainer(args):
 
     collator = (PackingCollator if args.packing else ULSCollator)(
         pad, pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None)
+    callbacks = [safety_callback()(check_grad_norm=not uses_loss_scaling(args))]
+    if speedup_draw(model) is not None:
+        callbacks.append(speedup_draw_callback()(speedup_draw(model)))
     try:
         trainer = trainer_class()(model=model, args=targs, train_dataset=dataset, data_collator=collator,
-                                  processing_class=tokenizer,
-                                  callbacks=[safety_callback()(check_grad_norm=not uses_loss_scaling(args))])
+                                  processing_class=tokenizer, callbacks=callbacks)
     except (ValueError, ImportError) as e:
         raise TrainError(f"transformers refused the training set-up: {e}") from e
     if teacher is not None:
@@ -271,6 +283,37 @@ def safety_callback():
 
     _CLASSES["callback"] = SafetyCallback
     return SafetyCallback
+
+
+def speedup_draw_callback():
+    """A TrainerCallback that drives a model's SpeedupDraw (apply_uls with several speedups): each forward's
+    counter is (optimizer step, micro-batch within it), taken from the Trainer's state, so a run resumed
+    from checkpoint-N draws for step N what the uninterrupted run drew. Use:
+    trainer.add_callback(speedup_draw_callback()(ulskip.train.apply_uls.speedup_draw(model)))."""
+    if "draw" in _CLASSES:
+        return _CLASSES["draw"]
+    from transformers import TrainerCallback
+
+    class SpeedupDrawCallback(TrainerCallback):
+        def __init__(self, draw):
+            self.draw = draw
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.draw.driven = True
+            self.draw.step, self.draw.micro = state.global_step, 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # before the first micro-batch of each optimizer step (global_step = steps done so far)
+            self.draw.step, self.draw.micro = state.global_step, 0
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            self.draw.micro += 1  # after each micro-batch but the step's last (that one ends in on_step_end)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.draw.driven = False  # plain forwards after training advance the counter themselves
+
+    _CLASSES["draw"] = SpeedupDrawCallback
+    return SpeedupDrawCallback
 
 
 def prepare_output_dir(trainer, args):
