@@ -62,3 +62,24 @@ def test_generate_stream_bad_input(path):
         main(["generate", path, "--prompt-ids", "1", "--stop", "x"])
     with pytest.raises(SystemExit, match="--stop must be a non-empty string"):
         main(["generate", path, "--prompt-ids", "1", "--stop", ""])
+
+
+def test_generate_speculative(path, capsys):
+    """The lossless mode: the same tokens as all layers, with the draft's acceptance reported."""
+    base = ["generate", path, "--prompt-ids", "1,2,3", "--prompt-ids", "4,5", "--max-new-tokens", "9", "--json"]
+    assert main(base + ["--target-speedup", "1"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    with pytest.warns(UserWarning, match="not fine-tuned for layer skipping"):
+        assert main(base + ["--speculative-draft-speedup", "2", "--num-draft-tokens", "3"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["sequences"] == full["sequences"] and spec["kept_layers"] == list(range(6))
+    assert spec["speculative"]["draft_layers"] == [0, 3, 5] and spec["speculative"]["num_draft_tokens"] == 3
+    for extra, msg in [(["--speculative-draft-speedup", "1"], r"--speculative-draft-speedup must be > 1"),
+                       (["--speculative-draft-speedup", "2", "--num-draft-tokens", "0"],
+                        r"--num-draft-tokens must be in \[1, 15\], got 0"),
+                       (["--speculative-draft-speedup", "2", "--target-speedup", "2"],
+                        r"--target-speedup must be left out with --speculative-draft-speedup"),
+                       (["--speculative-draft-speedup", "2", "--num-beams", "2"], r"--num-beams must be 1 with"),
+                       (["--speculative-draft-speedup", "9"], r"target_speedup must be in \[1, 3\] for 6 layers")]:
+        with pytest.raises(SystemExit, match=msg):
+            main(base + extra)

@@ -5,7 +5,8 @@ import json
 import math
 import os
 
-SYSTEMS = ("ulskip", "hf-eager-full", "hf-eager-skip", "hf-compile-skip")
+SYSTEMS = ("ulskip", "hf-eager-full", "hf-eager-skip", "hf-compile-skip", "speculative")
+DEFAULT_SYSTEMS = SYSTEMS[:4]  # speculative: asked for by name (its speed depends on acceptance, i.e. on real weights)
 
 
 def derive(rows: list[dict]) -> None:

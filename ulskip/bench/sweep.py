@@ -8,6 +8,8 @@ Sweeps target speedups x batch sizes. Systems (same weights, same random prompts
                    the kept layers only, i.e. prefill "skip")
   hf-compile-skip  the same copy with a static cache + transformers' automatic torch.compile
                    (mode="reduce-overhead") of the decode step; transformers compiles on GPUs only
+  speculative      our Engine with all layers, self-speculative: the ULS schedule of the row's speedup drafts
+                   --num-draft-tokens per round, all layers verify (greedy; the output is the full model's)
 Every system generates exactly --new-tokens tokens (greedy; HF with min_new_tokens=max_new_tokens).
 """
 from __future__ import annotations
@@ -91,6 +93,28 @@ class ULSystem:
     def bind(self, prompts):
         def generate(n):
             out = self.engine.generate(prompts, max_new_tokens=n, eos_token_id=None)
+            return [len(s) for s in out.sequences], self.engine.kv_cache_nbytes
+        return generate
+
+
+class SpeculativeSystem:
+    """Our engine with all layers, drafting with the ULS schedule `draft` (greedy self-speculation)."""
+
+    def __init__(self, hf, draft_speedup, k, batch, max_seq_len):
+        from ulskip.runtime.engine import Engine
+        self.engine = Engine.from_hf_model(hf, target_speedup=1, max_batch_size=batch, max_seq_len=max_seq_len)
+        self.spec = {"draft_speedup": draft_speedup, "num_draft_tokens": k}
+        self.stats = None
+        self.note = ""
+
+    def bind(self, prompts):
+        import warnings
+
+        def generate(n):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # random weights are not fine-tuned for skipping: known
+                out = self.engine.generate(prompts, max_new_tokens=n, eos_token_id=None, speculative=self.spec)
+            self.stats = out.speculative
             return [len(s) for s in out.sequences], self.engine.kv_cache_nbytes
         return generate
 
@@ -194,6 +218,8 @@ def sweep(args, r, progress=True, on_row=None) -> tuple[list[dict], dict]:
         plan.append(("hf-eager-full", 1.0, list(range(L))))
     for s in r["speedups"]:
         for system in r["systems"]:
+            if system == "speculative" and s <= 1:
+                continue  # no draft at 1x
             if system != "hf-eager-full":
                 plan.append((system, s, r["kept"][s]))
     rows = []
@@ -215,7 +241,7 @@ def sweep(args, r, progress=True, on_row=None) -> tuple[list[dict], dict]:
             row = {"system": system, "target_speedup": s, "kept_layers": list(kept), "num_kept": len(kept),
                    "num_layers": L, "batch_size": b, "prompt_len": P, "new_tokens": N,
                    "prefill": args.prefill if system == "ulskip" else
-                   ("full" if system == "hf-eager-full" else "skip"),
+                   ("full" if system in ("hf-eager-full", "speculative") else "skip"),
                    "status": "ok", "error": None, "note": ""}
             step = decode_step_bytes(counts, kept, b, P, N)
             row.update({"bytes_per_step": step["bytes"], "weight_bytes_per_step": step["weight_bytes"],
@@ -241,6 +267,9 @@ def sweep(args, r, progress=True, on_row=None) -> tuple[list[dict], dict]:
                     sysobj = ULSystem(hf, kept, args.prefill, b, P + N)
                     row["build_s"] = time.perf_counter() - t1
                     gen = sysobj.bind(all_ids[:b].tolist())
+                elif system == "speculative":
+                    sysobj = SpeculativeSystem(hf, s, args.num_draft_tokens, b, P + N + args.num_draft_tokens)
+                    gen = sysobj.bind(all_ids[:b].tolist())
                 else:
                     sysobj = shared
                     gen = shared.bind(ids)
@@ -252,12 +281,19 @@ def sweep(args, r, progress=True, on_row=None) -> tuple[list[dict], dict]:
                     row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
                     row["peak_mem_over_base_bytes"] = row["peak_mem_bytes"] - base
                 dec = row["decode_ms_per_step"]
-                row.update(roofline(step["bytes"], bw, b, dec / 1e3 if dec else None))
+                if system == "speculative":  # ms per generated token; its bytes depend on the acceptance
+                    st = sysobj.stats
+                    row.update(speculative=st, roofline_step_ms=None, roofline_tokens_per_s=None,
+                               achieved_GBps=None, pct_roofline=None)
+                    row["note"] = (f"draft {len(st['draft_layers'])}/{L} layers, k={st['num_draft_tokens']}: acceptance "
+                                   f"{st['acceptance_rate']:.2f}, {st['tokens_per_verify']:.2f} tokens per verify pass")
+                else:
+                    row.update(roofline(step["bytes"], bw, b, dec / 1e3 if dec else None))
             except Exception as e:  # noqa: BLE001  (torch.cuda.OutOfMemoryError included)
                 row["status"], row["error"] = "failed", _reason(e)
             finally:
                 sysobj = gen = None
-                _free(device, collect=row["status"] != "ok" or system == "ulskip")
+                _free(device, collect=row["status"] != "ok" or system in ("ulskip", "speculative"))
             rows.append(row)
             bar.update(1)
             if on_row:

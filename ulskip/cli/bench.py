@@ -16,7 +16,7 @@ import os
 import sys
 
 from ulskip.bench.models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, SHAPES, num_layers, resolve_model
-from ulskip.bench.report import SYSTEMS, derive, format_table, write_json, write_plot
+from ulskip.bench.report import DEFAULT_SYSTEMS, SYSTEMS, derive, format_table, write_json, write_plot
 from ulskip.cli import SEED_MAX, check_device, check_output_file, describe
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -46,8 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generated tokens per sequence, >= 1 (default: %(default)s)")
     p.add_argument("--prefill", default="full", choices=("full", "skip"),
                    help="ulskip prefill mode (default: %(default)s)")
-    p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help=f"comma list from {', '.join(SYSTEMS)} (default: all)")
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help=f"comma list from {', '.join(SYSTEMS)} (default: %(default)s). speculative: the engine "
+                        "with all layers, drafting with the ULS schedule of each target speedup > 1 "
+                        "(self-speculative decoding; random weights give next to no acceptance, so its tokens/s "
+                        "there is the cost of a round per token)")
+    p.add_argument("--num-draft-tokens", type=int, default=4,
+                   help="speculative: drafts per round, in [1, 15] (default %(default)s)")
     p.add_argument("--warmup", type=int, default=1,
                    help="warm-up generates per row (not timed), >= 0 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=None,
@@ -158,6 +163,13 @@ def resolve_args(args) -> dict:
     if bad or not systems:
         raise BenchError(f"--systems must be a comma list from {', '.join(SYSTEMS)}, got unknown "
                          f"{', '.join(bad) or '(empty)'}")
+    if "speculative" in systems:
+        from ulskip.runtime.speculative import MAX_DRAFT_TOKENS
+        if not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise BenchError(f"--num-draft-tokens must be in [1, {MAX_DRAFT_TOKENS}], got {args.num_draft_tokens}")
+        if max_pos is not None and args.prompt_len + args.new_tokens + args.num_draft_tokens > max_pos:
+            raise BenchError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} + --num-draft-tokens "
+                             f"{args.num_draft_tokens} exceeds {model}'s maximum of {max_pos} positions")
     repeats = args.repeats if args.repeats is not None else (2 if gpu else 1)
     if repeats < 1:
         raise BenchError(f"--repeats must be >= 1, got {repeats}")
@@ -182,6 +194,8 @@ def _command(args, r) -> str:
              f"--prompt-len {args.prompt_len}", f"--new-tokens {args.new_tokens}",
              f"--prefill {args.prefill}", f"--systems {','.join(r['systems'])}",
              f"--warmup {args.warmup}", f"--repeats {r['repeats']}", f"--seed {args.seed}"]
+    if "speculative" in r["systems"]:
+        parts.append(f"--num-draft-tokens {args.num_draft_tokens}")
     if args.strategy != "paper":
         parts.append(f"--strategy {args.strategy}")
     return " ".join(parts)

@@ -42,6 +42,11 @@ def add_arguments(p):
     p.add_argument("--stream", action="store_true",
                    help="print the text as it is generated (one prompt, no beam search, not with --json; "
                         "default: off)")
+    p.add_argument("--speculative-draft-speedup", type=float, default=None,
+                   help="lossless mode: self-speculative decoding with all layers verifying what the ULS schedule "
+                        "of this speedup (> 1) drafts; the output is the full model's (default: off)")
+    p.add_argument("--num-draft-tokens", type=int, default=4,
+                   help="with --speculative-draft-speedup: drafts per round, in [1, 15] (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: off)")
 
 
@@ -84,6 +89,18 @@ def check_args(args) -> list:
         require(len(prompts) == 1, "--stream", "used with one prompt", f"{len(prompts)} prompts")
         require(args.num_beams == 1, "--num-beams", "1 with --stream", args.num_beams)
         require(not args.json, "--stream", "used without --json", "--json")
+    if args.speculative_draft_speedup is not None:
+        from ulskip.runtime.speculative import MAX_DRAFT_TOKENS
+        check_finite("--speculative-draft-speedup", args.speculative_draft_speedup, "a finite number > 1")
+        require(args.speculative_draft_speedup > 1, "--speculative-draft-speedup", "> 1 (1 = no draft)",
+                args.speculative_draft_speedup)
+        require(1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS, "--num-draft-tokens", f"in [1, {MAX_DRAFT_TOKENS}]",
+                args.num_draft_tokens)
+        require(args.target_speedup is None, "--target-speedup", "left out with --speculative-draft-speedup (all "
+                "layers verify; the draft's schedule is that speedup's)", args.target_speedup)
+        require(args.num_beams == 1, "--num-beams", "1 with --speculative-draft-speedup", args.num_beams)
+        require(not args.stream, "--stream", "used without --speculative-draft-speedup (not supported together)",
+                "--stream")
     from ulskip.runtime.engine import DTYPES
     check_choice("--dtype", args.dtype, list(DTYPES))
     check_device(args.device)
@@ -100,8 +117,13 @@ def check_args(args) -> list:
 def run(args) -> int:
     prompts = check_args(args)
     from ulskip import Engine
+    sched = schedule_kwargs(args)
+    spec = None
+    if args.speculative_draft_speedup is not None:
+        sched["target_speedup"] = 1  # all layers verify
+        spec = {"draft_speedup": args.speculative_draft_speedup, "num_draft_tokens": args.num_draft_tokens}
     eng = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device,
-                                 max_batch_size=len(prompts) * args.num_beams, **schedule_kwargs(args))
+                                 max_batch_size=len(prompts) * args.num_beams, **sched)
     eos = None
     if eng.tokenizer is not None and not args.no_eos:
         eos = eng.tokenizer.eos_token_id
@@ -116,16 +138,20 @@ def run(args) -> int:
         secs = time.perf_counter() - t0
         print(f"\n{n} new tokens in {secs:.2f} s ({n / secs:.1f} tokens/s, {eng.device}, {str(eng.dtype)[6:]})")
         return 0
-    out = eng.generate(prompts, num_beams=args.num_beams, **kw)
+    out = eng.generate(prompts, num_beams=args.num_beams, speculative=spec, **kw)
     secs = time.perf_counter() - t0
     n = sum(len(s) for s in out.sequences)
     if args.json:
         json.dump({"kept_layers": eng.kept_layers, "prefill": eng.prefill_mode, "sequences": out.sequences,
-                   "texts": out.texts, "new_tokens": n, "seconds": secs}, sys.stdout)
+                   "texts": out.texts, "new_tokens": n, "seconds": secs, "speculative": out.speculative}, sys.stdout)
         print()
         return 0
     print(f"kept layers ({len(eng.kept_layers)} of {eng.num_layers}, prefill={eng.prefill_mode}): "
           f"{','.join(map(str, eng.kept_layers))}")
+    if out.speculative:
+        st = out.speculative
+        print(f"speculative: draft layers {','.join(map(str, st['draft_layers']))}, k={st['num_draft_tokens']}: "
+              f"acceptance {st['acceptance_rate']:.2f}, {st['tokens_per_verify']:.2f} tokens per verify pass")
     for i, seq in enumerate(out.sequences):
         print(f"--- [{i}] {out.texts[i] if out.texts else seq}")
     print(f"{n} new tokens in {secs:.2f} s ({n / secs:.1f} tokens/s, {eng.device}, {str(eng.dtype)[6:]})")

@@ -1,0 +1,41 @@
+"""The speculative bench script end to end on the CPU: a real-checkpoint run (acceptance, identity to the
+all-layers baseline), a cost run on a named shape projected at that acceptance, and `ulskip bench
+--systems speculative`. Their numbers mean nothing here; that they run and report consistently is the point."""
+import json
+
+from helpers import make_checkpoint, records, write_jsonl
+from ulskip.bench import speculative
+from ulskip.cli import main
+
+
+def test_real_and_cost_runs(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", "llama", num_layers=4)
+    write_jsonl(tmp_path / "test.jsonl", records()[:6])
+    real = tmp_path / "real.json"
+    assert speculative.main(["real", "--model", ckpt, "--data", str(tmp_path / "test.jsonl"), "--batch-sizes", "1,4",
+                             "--draft-speedups", "2", "--num-draft-tokens", "2,3", "--max-new-tokens", "8",
+                             "--device", "cpu", "--dtype", "fp32", "--json", str(real), "--quiet-warnings", "--max-seq-len", "128"]) == 0
+    rows = json.load(open(real))["rows"]
+    spec = [r for r in rows if r["system"] == "speculative"]
+    assert len(spec) == 4 and all(r["identical_sequences"] == r["sequences"] == 6 for r in spec)  # fp32: exact
+    assert all(1 <= r["tokens_per_verify"] <= r["num_draft_tokens"] + 1 for r in spec)
+    cost = tmp_path / "cost.json"
+    assert speculative.main(["cost", "--model", "tiny-llama", "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "1,4",
+                             "--draft-speedups", "2", "--num-draft-tokens", "2,3", "--prompt-len", "8",
+                             "--new-tokens", "12", "--acceptance", str(real), "--json", str(cost)]) == 0
+    crow = [r for r in json.load(open(cost))["rows"] if r["system"] == "speculative"]
+    assert len(crow) == 4 and all(r["ms_per_round"] > 0 and r["projected_speedup"] > 0 for r in crow)
+
+
+def test_bench_speculative_system(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--model", "tiny-llama", "--systems", "ulskip,speculative", "--target-speedups", "1,2",
+               "--batch-sizes", "2", "--prompt-len", "8", "--new-tokens", "6", "--repeats", "1", "--no-progress",
+               "--num-draft-tokens", "3", "--json", str(out)])
+    assert rc == 0
+    rows = json.load(open(out))["rows"]
+    spec = [r for r in rows if r["system"] == "speculative"]
+    assert [r["target_speedup"] for r in spec] == [2.0] and spec[0]["status"] == "ok"  # no draft at 1x
+    assert spec[0]["speculative"]["num_draft_tokens"] == 3 and "tokens per verify pass" in spec[0]["note"]
+    assert main(["bench", "--systems", "speculative", "--num-draft-tokens", "16", "--model", "tiny-llama"]) == 2
+    assert "--num-draft-tokens must be in [1, 15], got 16" in capsys.readouterr().err
