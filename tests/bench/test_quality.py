@@ -2,6 +2,7 @@
 policy, evaluate, resume, report. Its numbers mean nothing here; that it runs and resumes is the point."""
 import json
 import os
+import sys
 
 from helpers import make_checkpoint, records, write_jsonl
 from ulskip.bench import quality
@@ -35,3 +36,51 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     table = md.read_text()
     assert table.count("| xx |") == 5 and "paper + distillation" in table and "| early-exit | 2 | 2/4 | full |" in table and "2.00x / 2.00x" in table
     assert os.path.getsize(tmp_path / "q.png") > 0
+
+
+def test_multi_speedup_steps_train_once_and_report(tmp_path, monkeypatch, capsys):
+    """multi123-s1/-s2/-s3: one `ulskip train --target-speedups 1,2,3` into STUDY/multi123/ckpt, then each
+    step evaluates that checkpoint with its own --target-speedup; resuming skips both, and the report names
+    the policy "paper (multi 1,2,3)". The commands are recorded, not run (the real ones run in the test above)."""
+    from ulskip import uls_schedule
+
+    calls = []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        assert cmd[:3] == [sys.executable, "-m", "ulskip.cli"]
+        if cmd[3] == "train":
+            ckpt = cmd[cmd.index("--output-dir") + 1]
+            os.makedirs(ckpt, exist_ok=True)
+            open(os.path.join(ckpt, "config.json"), "w").write("{}")
+        else:
+            s = float(cmd[cmd.index("--target-speedup") + 1])
+            with open(cmd[cmd.index("--json") + 1], "w") as f:
+                json.dump({"bleu": 10 * s, "chrf": 30.0, "perplexity": 2.0,
+                           "settings": {"kept_layers": uls_schedule(6, s), "num_layers": 6}}, f)
+        return 1.5
+
+    monkeypatch.setattr(quality, "_run", fake_run)
+    out = tmp_path / "study"
+    argv = ["run", "--model", "m", "--data", str(tmp_path / "data-xx"), "--out", str(out), "--steps",
+            "multi123-s1,multi123-s2,multi123-s3", "--no-bf16"]
+    quality.main(argv)
+    train = [c for c in calls if c[3] == "train"]
+    ckpt = str(out / "multi123" / "ckpt")
+    assert len(train) == 1 and train[0][train[0].index("--target-speedups") + 1] == "1,2,3"
+    assert "--target-speedup" not in train[0] and train[0][train[0].index("--output-dir") + 1] == ckpt
+    evals = [c for c in calls if c[3] == "eval"]
+    assert [(c[4], c[c.index("--target-speedup") + 1]) for c in evals] == [(ckpt, "1"), (ckpt, "2"), (ckpt, "3")]
+    for s in (1, 2, 3):
+        step = json.load(open(out / f"multi123-s{s}" / "step.json"))
+        assert step["multi"] == [1, 2, 3] and step["target_speedup"] == s and step["train_s"] == 1.5
+    os.remove(out / "multi123-s2" / "eval.json")  # one eval lost: evaluated again, not trained again
+    calls.clear()
+    quality.main(argv)
+    assert [c[3] for c in calls] == ["eval"] and capsys.readouterr().out.count("done already") == 2
+    md = tmp_path / "q.md"
+    quality.main(["report", str(out), "--md", str(md)])
+    rows = [ln for ln in md.read_text().splitlines() if "multi" in ln]
+    assert len(rows) == 3 and all("| paper (multi 1,2,3) |" in r for r in rows)
+    assert "| 2 | 3/6 | full | 20.0 |" in rows[1]
+    assert quality.multi_set("multi123-s2") == "multi123" and quality.multi_set("uls2-skip") is None

@@ -9,6 +9,9 @@ what a user can repeat by hand. A step is skipped when its result file exists: t
 time limit stopped it. Each step's result is STUDY_DIR/<step>/eval.json (the `ulskip eval --json` file)
 plus train.log and the step's settings in step.json.
 
+A several-speedups step (multi123-s2: `ulskip train --target-speedups 1,2,3` once into STUDY/multi123/ckpt,
+evaluated with `ulskip eval CKPT --target-speedup 2`) is reported as policy "paper (multi 1,2,3)".
+
 Budgets are matched by kept layers per token (K = floor(L / s) for every policy), so the decode speed of a
 row depends only on K and the prefill mode: it comes from one `ulskip bench` run on the same model
 (--speed), not from each checkpoint.
@@ -38,9 +41,23 @@ for _s in (2, 3, 5, 10):
     # (ft-full must have run first), and unfrozen embeddings (= the tied head)
     STEPS[f"uls{_s}-kd"] = ("paper", _s, "full", True)
     STEPS[f"uls{_s}-emb"] = ("paper", _s, "full", True)
+# one checkpoint trained for several speedups (`ulskip train --target-speedups 1,2,3`, into STUDY/<set>/ckpt),
+# evaluated at each of them (`ulskip eval CKPT --target-speedup s` overrides the checkpoint's default)
+MULTI = {"multi123": (1, 2, 3), "multi1235": (1, 2, 3, 5)}
+for _set, _speeds in MULTI.items():
+    for _s in _speeds:
+        STEPS[f"{_set}-s{_s}"] = ("paper", _s, "full", True)
+
+
+def multi_set(name: str):
+    """The several-speedups set a step evaluates (its name's prefix in MULTI), else None."""
+    head = name.rsplit("-s", 1)[0]
+    return head if head in MULTI and name != head else None
 
 
 def variant_args(name: str, out: str) -> list[str]:
+    if multi_set(name):
+        return []
     if name.endswith("-kd"):
         teacher = os.path.join(out, "ft-full", "ckpt")
         if not os.path.isfile(os.path.join(teacher, "config.json")):
@@ -90,12 +107,32 @@ def run_step(name, model, data, out, train_args, eval_args, calibration):
     log = os.path.join(d, "train.log")
     cli = [sys.executable, "-m", "ulskip.cli"]
     policy = ["--strategy", strategy] + (["--calibration", calibration] if strategy == "shortgpt" else [])
+    multi = multi_set(name)
     step = {"name": name, "strategy": strategy, "target_speedup": speedup, "prefill": prefill,
             "fine_tuned": trained, "variant": variant_args(name, out) if trained else [], "model": model,
             "data": data, "train_args": train_args if trained else None,
-            "eval_args": eval_args}
+            "eval_args": eval_args, "multi": list(MULTI[multi]) if multi else None}
     ckpt, train_s = model, None
-    if trained:
+    if multi:
+        # trained once for the whole set (the first of its steps to run does it); each step evaluates it at
+        # its own speedup, the explicit --target-speedup overriding the checkpoint's default schedule
+        shared = os.path.join(out, multi)
+        ckpt = os.path.join(shared, "ckpt")
+        os.makedirs(shared, exist_ok=True)
+        info = os.path.join(shared, "train.json")
+        if not os.path.isfile(os.path.join(ckpt, "config.json")):
+            again = ["--overwrite-output-dir"] if os.path.isdir(ckpt) and os.listdir(ckpt) else []
+            speeds = ",".join(str(x) for x in MULTI[multi])
+            t = _run(cli + ["train", "--model-name-or-path", model, "--train-file", os.path.join(data, "train.jsonl"),
+                            "--output-dir", ckpt, "--target-speedups", speeds, "--prefill", prefill, *policy,
+                            *train_args, *again], os.path.join(shared, "train.log"))
+            with open(info, "w") as f:
+                json.dump({"train_s": t, "target_speedups": list(MULTI[multi])}, f)
+        if os.path.isfile(info):
+            with open(info) as f:
+                train_s = json.load(f)["train_s"]
+        schedule = ["--target-speedup", str(speedup), "--prefill", prefill, *policy]
+    elif trained:
         ckpt = os.path.join(d, "ckpt")
         if not os.path.isfile(os.path.join(ckpt, "config.json")):
             # a run stopped by a time limit left a folder without the final model: train it again from scratch
@@ -165,6 +202,14 @@ def collect(dirs):
     return rows
 
 
+def policy_name(r) -> str:
+    """The report's policy column: the layer policy, a recipe variant, or the set of a several-speedups run."""
+    if r.get("multi"):
+        return f"{r['strategy']} (multi {','.join(f'{x:g}' for x in r['multi'])})"
+    return r["strategy"] + {"": "", "kd": " + distillation", "emb": " + unfrozen embeddings"}[
+        r["name"].rsplit("-", 1)[-1] if r["name"].endswith(("-kd", "-emb")) else ""]
+
+
 def cmd_report(args):
     rows = collect(args.dirs)
     speed = _speed(args.speed)
@@ -175,11 +220,11 @@ def cmd_report(args):
         ft = next((r for r in rs if r["name"] == "ft-full"), None)
         base1 = speed.get((rs[0]["num_layers"], 1)) if rs else None
         base16 = speed.get((rs[0]["num_layers"], 16)) if rs else None
-        for r in sorted(rs, key=lambda r: (not r["fine_tuned"], r["target_speedup"], r["strategy"], r["prefill"])):
+        for r in sorted(rs, key=lambda r: (not r["fine_tuned"], r["target_speedup"], r["strategy"], r["prefill"],
+                                           r["name"])):
             s1, s16 = speed.get((r["kept"], 1)), speed.get((r["kept"], 16))
             pct = f"{100 * r['bleu'] / ft['bleu']:.0f}%" if ft and ft["bleu"] > 0 and r["fine_tuned"] else "-"
-            policy = r["strategy"] + {"": "", "kd": " + distillation", "emb": " + unfrozen embeddings"}[
-                r["name"].rsplit("-", 1)[-1] if r["name"].endswith(("-kd", "-emb")) else ""]
+            policy = policy_name(r)
             lines.append(f"| {lang} | {'fine-tuned' if r['fine_tuned'] else 'pretrained'} | {policy} | "
                          f"{r['target_speedup']:g} | {r['kept']}/{r['num_layers']} | {r['prefill']} | {r['bleu']:.1f} | "
                          f"{r['chrf']:.1f} | {r['perplexity']:.2f} | {pct} | "
@@ -198,14 +243,14 @@ def cmd_report(args):
         langs = sorted({r["lang"] for r in rows})
         fig, axes = plt.subplots(1, max(1, len(langs)), figsize=(6 * max(1, len(langs)), 4.5), squeeze=False)
         # one colour per (policy, prefill) across the panels
-        labels = sorted({(r["strategy"], r["prefill"]) for r in rows if r["fine_tuned"]})
+        labels = sorted({(policy_name(r), r["prefill"]) for r in rows if r["fine_tuned"]})
         colour = {label: f"C{i}" for i, label in enumerate(labels)}
         for ax, lang in zip(axes[0], langs):
             rs = [r for r in rows if r["lang"] == lang and r["fine_tuned"]]
             base1 = speed.get((rs[0]["num_layers"], 1)) if rs else None
-            for label in sorted({(r["strategy"], r["prefill"]) for r in rs}):
+            for label in sorted({(policy_name(r), r["prefill"]) for r in rs}):
                 pts = sorted((r["target_speedup"], r["bleu"], r["kept"], r["prefill"]) for r in rs
-                             if (r["strategy"], r["prefill"]) == label)
+                             if (policy_name(r), r["prefill"]) == label)
                 xs = []
                 for s, _, kept, prefill in pts:
                     sp = speed.get((kept, 1))
