@@ -70,7 +70,7 @@ def test_each_drawn_forward_equals_its_single_speedup(family, prefill):
     single = {s: apply_uls(copy.deepcopy(base), target_speedup=s, prefill=prefill) for s in (1, 2, 3)}
     ctx, draw = multi._ulskip_train.uls, speedup_draw(multi)
     drawn = []
-    for k in range(7):
+    for k in range(4):  # draw_seed 1 draws 3, 3, 1, 2
         batch = _batch(seed=k)
         out, grads = _loss_and_grads(multi, batch)
         s = ctx.speedup
@@ -91,7 +91,7 @@ def test_each_drawn_forward_equals_its_single_speedup(family, prefill):
     with torch.no_grad():
         ev = multi(**batch)
         ref = single[3].eval()(**batch)
-    assert ctx.speedup == 3.0 and draw.step == 7   # eval mode: the default, and the counter stays
+    assert ctx.speedup == 3.0 and draw.step == 4   # eval mode: the default, and the counter stays
     torch.testing.assert_close(ev.logits, ref.logits, rtol=0, atol=1e-5)
 
 
@@ -152,19 +152,19 @@ def test_random_draft_boundary():
     assert moved.config.ulskip == {**plain.config.ulskip, "draft_boundary": "random"}
     draw = speedup_draw(moved)
     lens = ((5, 4), (2, 8), (9, 1), (3, 2))
-    seen = set()
-    for k in range(6):
+    n_moved = 0
+    for k in range(4):
         batch = _batch(seed=k, lens=lens)
         b = draw.boundaries((k, 0), batch["prefix_lengths"], batch["labels"], batch["input_ids"].shape[1])
         for (p, r), x in zip(lens, b.tolist()):
-            assert p <= x <= p + max(r - 2, 0), (p, r, x)
-        seen.update(b.tolist())
+            assert p <= x <= p + max(r - 2, 0), (p, r, x)  # r <= 2: no room, the boundary stays
+            n_moved += x != p
         out, grads = _loss_and_grads(moved, batch)
         ref, ref_grads = _loss_and_grads(plain, {**batch, "prefix_lengths": b})
         torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-6)
         for n in grads:
             torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
-    assert len(seen - {5, 2, 9, 3}) >= 3  # the boundaries did move
+    assert n_moved >= 4, n_moved  # of the 8 rows with room to move
     batch = _batch(seed=0, lens=lens)
     with torch.no_grad():
         torch.testing.assert_close(moved.eval()(**batch).loss, plain.eval()(**batch).loss, rtol=0, atol=1e-6)

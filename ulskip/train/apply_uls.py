@@ -225,7 +225,7 @@ class SpeedupDraw:
             end = torch.where(resp.any(dim=1), last, pl)
         else:
             end = torch.full_like(pl, seq_len)
-        span = (end - pl - 1).clamp(min=1)  # choices for k: r - 1 (k = 0 when r <= 2)
+        span = (end - pl - 1).clamp(min=1)  # k takes r - 1 values, 0 .. r - 2 (only 0 when r <= 2)
         rng = random.Random(f"{self.seed}:{key[0]}:{key[1]}:boundary")  # per micro-batch: rows differ
         u = torch.tensor([rng.random() for _ in range(pl.numel())], dtype=torch.float64, device=pl.device)
         return pl + (u * span).floor().long()
