@@ -54,7 +54,7 @@ def test_multi_speedup_steps_train_once_and_report(tmp_path, monkeypatch, capsys
             os.makedirs(ckpt, exist_ok=True)
             open(os.path.join(ckpt, "config.json"), "w").write("{}")
         else:
-            s = float(cmd[cmd.index("--target-speedup") + 1])
+            s = float(cmd[cmd.index("--target-speedup") + 1]) if "--target-speedup" in cmd else 2.0  # uls2-db
             with open(cmd[cmd.index("--json") + 1], "w") as f:
                 json.dump({"bleu": 10 * s, "chrf": 30.0, "perplexity": 2.0,
                            "settings": {"kept_layers": uls_schedule(6, s), "num_layers": 6}}, f)
@@ -63,13 +63,14 @@ def test_multi_speedup_steps_train_once_and_report(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(quality, "_run", fake_run)
     out = tmp_path / "study"
     argv = ["run", "--model", "m", "--data", str(tmp_path / "data-xx"), "--out", str(out), "--steps",
-            "multi123-s1,multi123-s2,multi123-s3", "--no-bf16"]
+            "multi123-s1,multi123-s2,multi123-s3,uls2-db", "--no-bf16"]
     quality.main(argv)
     train = [c for c in calls if c[3] == "train"]
     ckpt = str(out / "multi123" / "ckpt")
-    assert len(train) == 1 and train[0][train[0].index("--target-speedups") + 1] == "1,2,3"
+    assert len(train) == 2 and train[1][-2:] == ["--draft-boundary", "random"]
+    assert train[0][train[0].index("--target-speedups") + 1] == "1,2,3"
     assert "--target-speedup" not in train[0] and train[0][train[0].index("--output-dir") + 1] == ckpt
-    evals = [c for c in calls if c[3] == "eval"]
+    evals = [c for c in calls if c[3] == "eval"][:3]
     assert [(c[4], c[c.index("--target-speedup") + 1]) for c in evals] == [(ckpt, "1"), (ckpt, "2"), (ckpt, "3")]
     for s in (1, 2, 3):
         step = json.load(open(out / f"multi123-s{s}" / "step.json"))
@@ -77,10 +78,10 @@ def test_multi_speedup_steps_train_once_and_report(tmp_path, monkeypatch, capsys
     os.remove(out / "multi123-s2" / "eval.json")  # one eval lost: evaluated again, not trained again
     calls.clear()
     quality.main(argv)
-    assert [c[3] for c in calls] == ["eval"] and capsys.readouterr().out.count("done already") == 2
+    assert [c[3] for c in calls] == ["eval"] and capsys.readouterr().out.count("done already") == 3
     md = tmp_path / "q.md"
     quality.main(["report", str(out), "--md", str(md)])
     rows = [ln for ln in md.read_text().splitlines() if "multi" in ln]
     assert len(rows) == 3 and all("| paper (multi 1,2,3) |" in r for r in rows)
-    assert "| 2 | 3/6 | full | 20.0 |" in rows[1]
+    assert "| 2 | 3/6 | full | 20.0 |" in rows[1] and "| paper + random draft boundary | 2 |" in md.read_text()
     assert quality.multi_set("multi123-s2") == "multi123" and quality.multi_set("uls2-skip") is None

@@ -41,6 +41,9 @@ for _s in (2, 3, 5, 10):
     # (ft-full must have run first), and unfrozen embeddings (= the tied head)
     STEPS[f"uls{_s}-kd"] = ("paper", _s, "full", True)
     STEPS[f"uls{_s}-emb"] = ("paper", _s, "full", True)
+    # the skip path starting at a drawn point inside the response (`--draft-boundary random`: the stretch
+    # before it runs every layer, as tokens verified in self-speculative decoding do); not with --packing
+    STEPS[f"uls{_s}-db"] = ("paper", _s, "full", True)
 # one checkpoint trained for several speedups (`ulskip train --target-speedups 1,2,3`, into STUDY/<set>/ckpt),
 # evaluated at each of them (`ulskip eval CKPT --target-speedup s` overrides the checkpoint's default)
 MULTI = {"multi123": (1, 2, 3), "multi1235": (1, 2, 3, 5)}
@@ -65,6 +68,8 @@ def variant_args(name: str, out: str) -> list[str]:
         return ["--distill-from", teacher, "--distill-weight", "0.5", "--distill-temperature", "1"]
     if name.endswith("-emb"):
         return ["--freeze-emb", "false"]
+    if name.endswith("-db"):
+        return ["--draft-boundary", "random"]
     return []
 
 
@@ -206,8 +211,9 @@ def policy_name(r) -> str:
     """The report's policy column: the layer policy, a recipe variant, or the set of a several-speedups run."""
     if r.get("multi"):
         return f"{r['strategy']} (multi {','.join(f'{x:g}' for x in r['multi'])})"
-    return r["strategy"] + {"": "", "kd": " + distillation", "emb": " + unfrozen embeddings"}[
-        r["name"].rsplit("-", 1)[-1] if r["name"].endswith(("-kd", "-emb")) else ""]
+    return r["strategy"] + {"": "", "kd": " + distillation", "emb": " + unfrozen embeddings",
+                            "db": " + random draft boundary"}[
+        r["name"].rsplit("-", 1)[-1] if r["name"].endswith(("-kd", "-emb", "-db")) else ""]
 
 
 def cmd_report(args):
