@@ -92,7 +92,7 @@ def draft_layers(num_layers: int, spec: SpeculativeConfig, section: dict | None)
                "it was not fine-tuned for layer skipping (its config.json has no ulskip section)")
         warnings.warn(f"speculative draft_speedup={_key(s)}: {why}, so the draft will agree with the full model "
                       f"rarely and speculation may be slower than plain decoding; fine-tune with "
-                      f"`ulskip train --target-speedups 1,{_key(s)}`", stacklevel=3)
+                      f"`ulskip train --target-speedups 1,{_key(s)}`", stacklevel=5)
     return layers
 
 
