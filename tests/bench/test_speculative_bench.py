@@ -8,7 +8,7 @@ from ulskip.bench import speculative
 from ulskip.cli import main
 
 
-def test_real_and_cost_runs(tmp_path):
+def test_real_and_cost_runs(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt", "llama", num_layers=4)
     write_jsonl(tmp_path / "test.jsonl", records()[:6])
     real = tmp_path / "real.json"
@@ -25,6 +25,10 @@ def test_real_and_cost_runs(tmp_path):
                              "--new-tokens", "12", "--acceptance", str(real), "--json", str(cost)]) == 0
     crow = [r for r in json.load(open(cost))["rows"] if r["system"] == "speculative"]
     assert len(crow) == 4 and all(r["ms_per_round"] > 0 and r["projected_speedup"] > 0 for r in crow)
+    capsys.readouterr()
+    assert speculative.main(["project", "--cost", str(cost), "--acceptance", str(real)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 4 and all(line.endswith("x |") for line in table[2:])  # every row projected
 
 
 def test_bench_speculative_system(tmp_path, capsys):

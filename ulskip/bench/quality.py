@@ -46,7 +46,7 @@ for _s in (2, 3, 5, 10):
     STEPS[f"uls{_s}-db"] = ("paper", _s, "full", True)
 # one checkpoint trained for several speedups (`ulskip train --target-speedups 1,2,3`, into STUDY/<set>/ckpt),
 # evaluated at each of them (`ulskip eval CKPT --target-speedup s` overrides the checkpoint's default)
-MULTI = {"multi123": (1, 2, 3), "multi1235": (1, 2, 3, 5)}
+MULTI = {"multi12": (1, 2), "multi123": (1, 2, 3), "multi1235": (1, 2, 3, 5)}
 for _set, _speeds in MULTI.items():
     for _s in _speeds:
         STEPS[f"{_set}-s{_s}"] = ("paper", _s, "full", True)
