@@ -9,7 +9,10 @@ def __getattr__(name):
     if name in ("Engine", "GenerationOutput"):
         from ulskip.runtime import engine
         return getattr(engine, name)
+    if name == "SpeculativeConfig":
+        from ulskip.runtime.speculative import SpeculativeConfig
+        return SpeculativeConfig
     raise AttributeError(f"module 'ulskip' has no attribute {name!r}")
 
 
-__all__ = ["uls_schedule", "layer_speedup", "Engine", "GenerationOutput"]
+__all__ = ["uls_schedule", "layer_speedup", "Engine", "GenerationOutput", "SpeculativeConfig"]

@@ -77,6 +77,8 @@ def test_greedy_eos_and_batch_slots():
     ref = eng.generate(PROMPTS, max_new_tokens=30)
     eos = ref.sequences[0][5]  # a token the first row emits: it must stop there
     ref = eng.generate(PROMPTS, max_new_tokens=30, eos_token_id=eos)
+    import ulskip
+    assert ulskip.SpeculativeConfig is SpeculativeConfig
     out = spec_generate(eng, PROMPTS, max_new_tokens=30, eos_token_id=eos, speculative=SpeculativeConfig(2, 4))
     assert out.sequences == ref.sequences
     assert out.sequences[0][-1] == eos and len(out.sequences[0]) <= 6
