@@ -83,3 +83,17 @@ def test_generate_speculative(path, capsys):
                        (["--speculative-draft-speedup", "9"], r"target_speedup must be in \[1, 3\] for 6 layers")]:
         with pytest.raises(SystemExit, match=msg):
             main(base + extra)
+
+
+def test_generate_stops_at_generation_config_end_tokens(tmp_path, capsys):
+    from helpers import make_checkpoint
+    path = make_checkpoint(tmp_path / "ckpt", "llama", num_layers=4, seed=2)
+    base = ["generate", path, "--prompt-ids", "1,5,9,13", "--max-new-tokens", "8", "--json"]
+    assert main(base + ["--no-eos"]) == 0
+    free = json.loads(capsys.readouterr().out)["sequences"][0]
+    end = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({"eos_token_id": end}))
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["sequences"][0] == free[:free.index(end) + 1]
+    assert main(base + ["--no-eos"]) == 0
+    assert json.loads(capsys.readouterr().out)["sequences"][0] == free

@@ -211,3 +211,27 @@ def test_refusals(eng, tmp_path):
     sd = Engine.from_pretrained(path, target_speedup=2, strategy="skipdecode", device="cpu")
     with pytest.raises(ValueError, match="SkipDecode"):
         Scheduler(sd)
+
+
+def test_generation_config_end_tokens_end_requests(tmp_path):
+    """A chat model's turn ends at generation_config.json's eos_token_id (e.g. Llama-3's <|eot_id|>), not only
+    at the tokenizer's EOS: the engine exposes both, and a request without eos_token_id stops on either."""
+    import json
+    path = make_checkpoint(tmp_path / "ckpt", "llama", num_layers=4, seed=2)
+    eng = Engine.from_pretrained(path, dtype="float32", device="cpu", max_batch_size=2, max_seq_len=48)
+    p = "question : where is paris ? answer :"
+    free = eng.generate([p], max_new_tokens=10, no_repeat_ngram_size=1).sequences[0]
+    end = free[3]
+    assert end != eng.tokenizer.eos_token_id and end not in free[:3]
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({"eos_token_id": [end]}))
+    eng = Engine.from_pretrained(path, dtype="float32", device="cpu", max_batch_size=2, max_seq_len=48)
+    assert eng.eos_token_ids == sorted({end, eng.tokenizer.eos_token_id})
+    sched = Scheduler(eng)
+    got, emit = collect()
+    sched.request(p, emit, max_new_tokens=10, no_repeat_ngram_size=1)
+    run(sched)
+    assert got["tokens"] == free[:4] and got["reason"] == "stop"
+    for bad in ('"x"', "[1, 100000]", "true"):
+        (tmp_path / "ckpt" / "generation_config.json").write_text('{"eos_token_id": %s}' % bad)
+        with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id must be a token id or a list"):
+            Engine.from_pretrained(path, dtype="float32", device="cpu", max_seq_len=48)

@@ -67,7 +67,7 @@ def cmd_real(args):
                                  max_batch_size=max(_ints(args.batch_sizes)), max_seq_len=args.max_seq_len)
     recs = read_records([args.data], limit=args.records)
     prompts = [ex["prompt"] for ex in tokenize(eng.tokenizer, recs)]
-    eos = eng.tokenizer.eos_token_id
+    eos = eng.eos_token_ids or None
     rows = []
     for b in _ints(args.batch_sizes):
         _generate(eng, prompts[:b], b, None, args.max_new_tokens, eos)  # warm-up: graphs captured

@@ -35,7 +35,8 @@ def add_arguments(p):
                         "dtype on a GPU, fp32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--no-eos", action="store_true",
-                   help="ignore the tokenizer's EOS token (default: off, stop at EOS)")
+                   help="ignore the end tokens (default: off, stop at the tokenizer's EOS and the eos_token_id of "
+                        "generation_config.json)")
     p.add_argument("--stop", action="append",
                    help="stop a sequence once its text contains this string (repeatable; needs the tokenizer; "
                         "default: none)")
@@ -124,9 +125,7 @@ def run(args) -> int:
         spec = {"draft_speedup": args.speculative_draft_speedup, "num_draft_tokens": args.num_draft_tokens}
     eng = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device,
                                  max_batch_size=len(prompts) * args.num_beams, **sched)
-    eos = None
-    if eng.tokenizer is not None and not args.no_eos:
-        eos = eng.tokenizer.eos_token_id
+    eos = None if args.no_eos else (eng.eos_token_ids or None)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed, stop=args.stop)
     t0 = time.perf_counter()

@@ -60,7 +60,6 @@ def response_nll(engine, batch: list[dict]) -> tuple[float, int]:
     """Summed NLL (nats) of the response tokens of a batch and their count, teacher-forced through the
     engine (module docstring)."""
     dev = engine.device
-    B = len(batch)
     P = max(len(ex["prompt"]) for ex in batch)
     R = max(len(ex["response"]) for ex in batch)
     tokens = torch.tensor([ex["prompt"] + [0] * (P - len(ex["prompt"])) for ex in batch]).to(dev)
@@ -97,7 +96,7 @@ def evaluate(engine, records: list[dict], batch_size: int = 16, max_new_tokens: 
     if tok is None:
         raise ValueError("evaluation needs the checkpoint's tokenizer (none found in the folder)")
     exs = tokenize(tok, records)
-    eos = tok.eos_token_id
+    eos = engine.eos_token_ids or None
     hyps, new_tokens, gen_s = [], 0, 0.0
     nll, count = 0.0, 0
     batches = range(0, len(exs), batch_size)

@@ -1,6 +1,8 @@
-"""The checkpoint folder's tokenizer, when it has one (string prompts, decoded text, EOS)."""
+"""The checkpoint folder's tokenizer, when it has one (string prompts, decoded text, EOS), and the end
+tokens its generation_config.json lists."""
 from __future__ import annotations
 
+import json
 import os
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -12,3 +14,27 @@ def load_tokenizer(path: str):
         return None
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def generation_eos_ids(path: str, vocab_size: int) -> list[int]:
+    """The eos_token_id of the folder's generation_config.json (one id or a list: Llama-3 chat models end
+    their turn with <|eot_id|>, not the tokenizer's EOS), or [] without the file or the field."""
+    f = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(f):
+        return []
+    try:
+        with open(f) as fh:
+            eos = json.load(fh).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{f}: not a readable JSON object ({e})") from None
+    return check_eos_ids(eos, vocab_size, f"{f}: eos_token_id")
+
+
+def check_eos_ids(eos, vocab_size: int, what: str) -> list[int]:
+    """None, an id or a list of ids -> a sorted list of distinct ids in [0, vocab_size)."""
+    if eos is None:
+        return []
+    ids = eos if isinstance(eos, (list, tuple)) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        raise ValueError(f"{what} must be a token id or a list of token ids in [0, {vocab_size}), got {eos!r}")
+    return sorted(set(ids))

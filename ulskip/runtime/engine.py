@@ -17,7 +17,7 @@ from ulskip.arguments import integer
 from ulskip.kernels.decode_attention import MAX_VERIFY_TOKENS
 from ulskip.loading.checkpoint import CheckpointTensors, StateDictTensors, build_model
 from ulskip.loading.config import check_config, from_hf, load_config
-from ulskip.loading.tokenizer import load_tokenizer
+from ulskip.loading.tokenizer import check_eos_ids, generation_eos_ids, load_tokenizer
 from ulskip.models.base import Step
 from ulskip.runtime.beam import beam_search
 from ulskip.runtime.cache import CompactKVCache
@@ -102,7 +102,8 @@ def _default_max_seq_len(cfg) -> int:
 
 class Engine:
     def __init__(self, model, kept_layers, prefill: str = "full", max_batch_size: int = 8,
-                 max_seq_len: int = 2048, tokenizer=None, cuda_graphs: bool = True, skipdecode=None):
+                 max_seq_len: int = 2048, tokenizer=None, cuda_graphs: bool = True, skipdecode=None,
+                 generation_eos=None):
         check_prefill(prefill)
         max_batch_size = integer("max_batch_size", max_batch_size, 1, what="a positive integer")
         max_seq_len = integer("max_seq_len", max_seq_len, 1, what="a positive integer")
@@ -116,6 +117,7 @@ class Engine:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's sliding_window="
                              f"{cfg.sliding_window}; sequences are limited to the window (not implemented past it)")
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.generation_eos = check_eos_ids(generation_eos, cfg.vocab_size, "generation_eos")
         self.kept_layers = list(kept_layers)
         # SkipDecode (ulskip.schedule.SkipDecode): response token j runs step_layers(j), a top slice of
         # kept_layers (their union); None: every step runs kept_layers
@@ -172,7 +174,7 @@ class Engine:
         model = build_model(cfg, plan.load_layers, CheckpointTensors(path), dtype, device, where=repr(path))
         max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
         return cls(model, plan.kept_layers, plan.prefill, max_batch_size, max_seq_len, load_tokenizer(path),
-                   cuda_graphs, plan.skipdecode)
+                   cuda_graphs, plan.skipdecode, generation_eos_ids(path, cfg.vocab_size))
 
     @classmethod
     def from_hf_model(cls, hf_model, target_speedup=None, schedule=None, prefill=None,
@@ -189,8 +191,17 @@ class Engine:
         model = build_model(cfg, plan.load_layers, StateDictTensors(hf_model.state_dict()), p.dtype, p.device,
                             where="the model's state dict")
         max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
+        gc = getattr(hf_model, "generation_config", None)
         return cls(model, plan.kept_layers, plan.prefill, max_batch_size, max_seq_len, tokenizer, cuda_graphs,
-                   plan.skipdecode)
+                   plan.skipdecode, getattr(gc, "eos_token_id", None))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Where a sequence ends by default (the CLI, the server and `ulskip eval` pass it): the tokenizer's EOS
+        and the ids of the checkpoint's generation_config.json, as transformers' generate stops on the latter.
+        generate() itself stops only on the eos_token_id it is given."""
+        tok = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+        return sorted(set(self.generation_eos) | ({tok} if isinstance(tok, int) else set()))
 
     @property
     def kv_cache_nbytes(self) -> int:

@@ -109,8 +109,8 @@ class Scheduler:
         QueueFull when the queue is at its bound, Closed while shutting down."""
         e = self.engine
         (prompt,) = e._encode([prompt])
-        if eos_token_id is None and e.tokenizer is not None:
-            eos_token_id = e.tokenizer.eos_token_id
+        if eos_token_id is None:
+            eos_token_id = e.eos_token_ids
         if temperature is None:
             temperature = 0.0
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
