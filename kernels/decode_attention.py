@@ -224,7 +224,7 @@ def choose_num_splits(B: int, Hkv: int, S: int, device: torch.device, block_n: i
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, scale, slopes=None, out=None, num_splits=None,
-                     block_n=None, num_warps=4, num_stages=None):
+                     block_n=None, num_warps=None, num_stages=None):
     """q [B, Hq, D], k_cache/v_cache [B, Hkv, S, D], seq_lens [B] -> out [B, Hq, D] (q's dtype).
 
     num_splits (optional) overrides the automatic split count (tests use it to cover the reduce path).
@@ -241,7 +241,7 @@ MAX_VERIFY_TOKENS = 16  # new tokens per sequence verify_attention takes (a spec
 
 
 def verify_attention(q, k_cache, v_cache, seq_lens, scale, slopes=None, out=None, num_splits=None,
-                     block_n=None, num_warps=4, num_stages=None):
+                     block_n=None, num_warps=None, num_stages=None):
     """T new tokens per sequence over the cache (a speculative verify pass): q [B, T, Hq, D], caches
     [B, Hkv, S, D] already holding the new tokens' K/V, seq_lens [B] = keys visible to the last new token;
     new token t sees the first seq_lens[b] - (T - 1 - t) keys. -> out [B, T, Hq, D]. One program per
@@ -301,6 +301,8 @@ def _attend(q, k_cache, v_cache, seq_lens, scale, slopes, out, num_splits, block
         num_stages = 2 if fp32 or BLOCK_D > 128 else 3
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, S, dev, BLOCK_N)
+    if num_warps is None:  # a verify pass of T x G >= 128 query rows: 8 warps share the [rows, D] fp32 accumulator
+        num_warps = 8 if BLOCK_G >= 128 else 4
     num_splits = max(1, min(int(num_splits), triton.cdiv(S, BLOCK_N)))
     chunk = triton.cdiv(triton.cdiv(S, num_splits), BLOCK_N) * BLOCK_N
     num_splits = triton.cdiv(S, chunk)

@@ -142,3 +142,22 @@ def test_skipdecode_depths():
     from ulskip.schedule import make_plan
     with pytest.raises(ValueError, match="prefill must be 'full'"):
         make_plan(6, target_speedup=2, strategy="skipdecode", prefill="skip")
+
+
+def test_plan_runs_the_schedule_a_checkpoint_was_trained_for():
+    """strategy=None with a target_speedup: a several-speedups fine-tune's schedules entry, a one-speedup
+    fine-tune's kept layers at its speedup; the paper's rule otherwise; an explicit strategy still wins."""
+    from ulskip.schedule import make_plan, trained_schedule, uls_schedule
+    multi = {"kept_layers": [1, 3, 4, 6], "num_layers": 8, "target_speedup": 2.0, "strategy": "random", "prefill": "full",
+             "target_speedups": [1.0, 2.0], "schedules": {"1": list(range(8)), "2": [1, 3, 4, 6]}}
+    assert make_plan(8, target_speedup=2, section=multi).kept_layers == [1, 3, 4, 6]
+    assert make_plan(8, target_speedup=1, section=multi).kept_layers == list(range(8))
+    assert make_plan(8, target_speedup=4, section=multi).kept_layers == uls_schedule(8, 4)  # not trained: paper
+    assert make_plan(8, target_speedup=2, strategy="paper", section=multi).kept_layers == uls_schedule(8, 2)
+    single = {"kept_layers": [0, 1, 2, 3], "num_layers": 8, "target_speedup": 2.0, "strategy": "early-exit",
+              "prefill": "full"}
+    assert make_plan(8, target_speedup=2.0, section=single).kept_layers == [0, 1, 2, 3]
+    assert make_plan(8, target_speedup=4, section=single).kept_layers == uls_schedule(8, 4)
+    assert trained_schedule(single, "x") is None and trained_schedule(None, 2) is None
+    sd = {"kept_layers": [4, 5, 6, 7], "num_layers": 8, "target_speedup": 2.0, "strategy": "skipdecode", "prefill": "full"}
+    assert trained_schedule(sd, 2) is None  # a dynamic schedule has no one layer set

@@ -185,10 +185,31 @@ class Plan:
     skipdecode: SkipDecode | None = None
 
 
-def make_plan(num_layers: int, target_speedup=None, schedule=None, prefill=None, strategy: str = "paper",
+def trained_schedule(section: dict | None, target_speedup) -> list[int] | None:
+    """The layers a checkpoint was fine-tuned to run at target_speedup: its `schedules` entry (a
+    several-speedups fine-tune), or its kept_layers when its one target_speedup is that one (a static
+    strategy); None when it was not trained for that speedup."""
+    section = section or {}
+    try:
+        s = float(target_speedup)
+    except (TypeError, ValueError):
+        return None
+    schedules = section.get("schedules") or {}
+    if f"{s:g}" in schedules:
+        return list(schedules[f"{s:g}"])
+    trained = section.get("target_speedup")
+    if (not schedules and section.get("kept_layers") and isinstance(trained, numbers.Real)
+            and section.get("strategy") not in DYNAMIC_STRATEGIES and math.isclose(float(trained), s)):
+        return list(section["kept_layers"])
+    return None
+
+
+def make_plan(num_layers: int, target_speedup=None, schedule=None, prefill=None, strategy: str | None = None,
               section: dict | None = None, seed: int = 0, block_influence=None) -> Plan:
     """Explicit arguments win; then the checkpoint's `ulskip` section (written by `ulskip train`:
-    kept_layers, strategy, prefill); else all layers with prefill="full"."""
+    kept_layers, strategy, prefill); else all layers with prefill="full". strategy=None with a
+    target_speedup: the schedule the checkpoint was fine-tuned for at that speedup (trained_schedule), else
+    the paper's rule."""
     section = section or {}
     if schedule is not None and target_speedup is not None:
         raise ValueError("give either target_speedup or schedule, not both")
@@ -199,7 +220,12 @@ def make_plan(num_layers: int, target_speedup=None, schedule=None, prefill=None,
         dynamic = skipdecode(num_layers, target_speedup)
         kept = dynamic.union
     elif target_speedup is not None:
-        kept = uls_schedule(num_layers, target_speedup, strategy, seed=seed, block_influence=block_influence)
+        trained = trained_schedule(section, target_speedup) if strategy is None else None
+        if trained is not None:
+            kept = validate_schedule(num_layers, trained, require_ends=section.get("strategy", "paper") in KEEPS_ENDS)
+        else:
+            kept = uls_schedule(num_layers, target_speedup, strategy or "paper", seed=seed,
+                                block_influence=block_influence)
     elif section.get("kept_layers") and section.get("strategy") in DYNAMIC_STRATEGIES:
         dynamic = _section_skipdecode(section, num_layers)
         kept = dynamic.union

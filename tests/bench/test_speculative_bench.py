@@ -41,5 +41,9 @@ def test_bench_speculative_system(tmp_path, capsys):
     spec = [r for r in rows if r["system"] == "speculative"]
     assert [r["target_speedup"] for r in spec] == [2.0] and spec[0]["status"] == "ok"  # no draft at 1x
     assert spec[0]["speculative"]["num_draft_tokens"] == 3 and "tokens per verify pass" in spec[0]["note"]
-    assert main(["bench", "--systems", "speculative", "--num-draft-tokens", "16", "--model", "tiny-llama"]) == 2
-    assert "--num-draft-tokens must be in [1, 15], got 16" in capsys.readouterr().err
+    for argv, msg in [(["--systems", "speculative", "--num-draft-tokens", "16"], "--num-draft-tokens must be in [1, 15], got 16"),
+                      (["--systems", "ulskip", "--num-draft-tokens", "3"], "--num-draft-tokens is for --systems speculative"),
+                      (["--systems", "speculative", "--target-speedups", "1"], "needs a --target-speedups value > 1"),
+                      (["--systems", "speculative", "--strategy", "even"], "drafts with the paper's schedule")]:
+        assert main(["bench", "--model", "tiny-llama", *argv]) == 2
+        assert msg in capsys.readouterr().err, argv

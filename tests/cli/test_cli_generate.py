@@ -74,13 +74,21 @@ def test_generate_speculative(path, capsys):
     spec = json.loads(capsys.readouterr().out)
     assert spec["sequences"] == full["sequences"] and spec["kept_layers"] == list(range(6))
     assert spec["speculative"]["draft_layers"] == [0, 3, 5] and spec["speculative"]["num_draft_tokens"] == 3
+    with pytest.warns(UserWarning):  # max_new_tokens 1: no round runs; the statistics print as "-"
+        assert main(base[:-3] + ["--max-new-tokens", "1", "--speculative-draft-speedup", "2"]) == 0
+    assert "acceptance -, - tokens per verify pass" in capsys.readouterr().out
     for extra, msg in [(["--speculative-draft-speedup", "1"], r"--speculative-draft-speedup must be > 1"),
                        (["--speculative-draft-speedup", "2", "--num-draft-tokens", "0"],
                         r"--num-draft-tokens must be in \[1, 15\], got 0"),
                        (["--speculative-draft-speedup", "2", "--target-speedup", "2"],
                         r"--target-speedup must be left out with --speculative-draft-speedup"),
                        (["--speculative-draft-speedup", "2", "--num-beams", "2"], r"--num-beams must be 1 with"),
-                       (["--speculative-draft-speedup", "9"], r"target_speedup must be in \[1, 3\] for 6 layers")]:
+                       (["--speculative-draft-speedup", "9"], r"draft_speedup must be in \(1, 3\] for 6 layers"),
+                       (["--num-draft-tokens", "3"], r"--num-draft-tokens must be used with --speculative-draft-speedup"),
+                       (["--speculative-draft-speedup", "2", "--strategy", "even"],
+                        r"--strategy must be left out with --speculative-draft-speedup"),
+                       (["--speculative-draft-speedup", "2", "--prefill", "skip"],
+                        r"--prefill must be left out with --speculative-draft-speedup")]:
         with pytest.raises(SystemExit, match=msg):
             main(base + extra)
 

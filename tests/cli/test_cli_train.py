@@ -324,6 +324,8 @@ def test_train_several_speedups_resumes_with_the_same_draws(ckpt, data, tmp_path
     (["--target-speedups", "1,2", "--strategy", "skipdecode"], "--strategy skipdecode trains one per-position"),
     (["--draft-boundary", "random", "--prefill", "skip"], "--draft-boundary random moves where"),
     (["--target-speedups", "1,3"], "target_speedup must be in [1, 2] for 4 layers"),  # the schedule's own check
+    (["--speedup-draw", "micro-batch"], "--speedup-draw micro-batch needs --target-speedups with at least two"),
+    (["--target-speedups", "2", "--speedup-weights", "5"], "--speedup-weights 5 needs --target-speedups with at"),
 ])
 def test_several_speedups_bad_flags(ckpt, data, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

@@ -57,11 +57,13 @@ def _compile_check() -> int:
             assert "cp.async" in ptx, f"attention {dt} G={G} D={D}: K/V loads not pipelined"
             assert "ld.global.b16" not in ptx, f"attention {dt} G={G} D={D}: scalar 16-bit loads"
     # the speculative verify pass: T new tokens x G query heads per program, causal among the new tokens
-    for T, G, bg in ((5, 1, 16), (9, 3, 32)):
+    # (T=16 x G=8: the largest tile the launcher builds, with its 8 warps; it must fit in shared memory)
+    for T, G, bg, warps in ((5, 1, 16, 4), (9, 3, 32, 4), (16, 8, 128, 8)):
         k = comp(kattn._decode_attn_kernel, attn_ptrs("*bf16"), dict(
             D=128, T=T, G=G, BLOCK_G=bg, BLOCK_N=64, BLOCK_D=128, HAS_ALIBI=False, DIRECT=False, SPLIT_P=True,
-            FP32_DOT=False), stages=3)
+            FP32_DOT=False), warps=warps, stages=3)
         assert "cp.async" in k.asm["ptx"], f"verify attention T={T} G={G}: K/V loads not pipelined"
+        assert k.metadata.shared <= 227 * 1024, f"verify attention T={T} G={G}: {k.metadata.shared} B of shared memory"
     comp(kattn._decode_attn_kernel, attn_ptrs("*fp32"), dict(D=128, T=1, G=4, BLOCK_G=16, BLOCK_N=32, BLOCK_D=128,
          HAS_ALIBI=False, DIRECT=False, SPLIT_P=False, FP32_DOT=True))
     comp(kattn._decode_attn_reduce_kernel, dict(M_P="*fp32", L_P="*fp32", ACC_P="*fp32", OUT="*bf16"),

@@ -109,7 +109,8 @@ def _verify_case(B, T, Hq, Hkv, D, S, dtype, alibi, num_splits, device=DEV, seed
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,S,alibi", [(3, 2, 4, 4, 64, 100, False), (2, 5, 8, 2, 80, 90, True),
-                                                  (2, 3, 6, 2, 32, 40, False), (1, 1, 4, 4, 32, 70, False)])
+                                                  (2, 3, 6, 2, 32, 40, False), (1, 1, 4, 4, 32, 70, False),
+                                                  (2, 16, 16, 2, 32, 48, True)])  # 16 x 8 = 128 query rows
 def test_verify_attention(B, T, Hq, Hkv, D, S, alibi, num_splits, dtype):
     _verify_case(B, T, Hq, Hkv, D, S, dtype, alibi, num_splits)
 

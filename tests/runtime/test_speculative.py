@@ -100,6 +100,15 @@ def test_draft_of_a_multi_speedup_checkpoint_and_warning():
     assert out.sequences == eng.generate(PROMPTS, max_new_tokens=8).sequences
     with pytest.warns(UserWarning, match=r"draft_speedup=3: it was fine-tuned for speedups \['1', '2'\]"):
         eng.generate(PROMPTS, max_new_tokens=4, speculative={"draft_speedup": 3})
+    one = make_hf_model("llama", num_layers=6)  # a one-speedup fine-tune: its kept layers draft, no warning
+    one.config.ulskip = {"kept_layers": [1, 2, 4], "num_layers": 6, "target_speedup": 2.0, "strategy": "random",
+                         "prefill": "full"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine(one).generate(PROMPTS, max_new_tokens=4, speculative={"draft_speedup": 2}).speculative[
+            "draft_layers"] == [1, 2, 4]
+    with pytest.raises(ValueError, match=r"verify takes tokens \[batch, T\], got shape \(4,\)"):
+        eng.verify(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
     plain = engine(make_hf_model("llama", num_layers=6))
     with pytest.warns(UserWarning, match=r"not fine-tuned for layer skipping"):
         plain.generate(PROMPTS, max_new_tokens=4, speculative={"draft_speedup": 2})
@@ -182,7 +191,7 @@ def test_bad_input():
            ({"num_draft_tokens": 2.5}, r"num_draft_tokens must be an integer in \[1, 15\], got 2.5"),
            ({"draft_speedup": 1}, r"draft_speedup must be a finite number > 1 \(1 = no draft\), got 1"),
            ({"draft_speedup": "2"}, r"draft_speedup must be a finite number > 1"),
-           ({"draft_speedup": 4}, r"target_speedup must be in \[1, 3\] for 6 layers"),
+           ({"draft_speedup": 4}, r"draft_speedup must be in \(1, 3\] for 6 layers \(the draft keeps at least two\), got 4"),
            ({"draft": 2}, r"speculative has unknown keys \['draft'\]; allowed: \['draft_speedup', 'num_draft_tokens'\]"),
            (2, r"speculative must be None, a SpeculativeConfig or a dict")]
     for spec, msg in bad:

@@ -125,6 +125,9 @@ def test_section_and_frozen_layers():
     (dict(target_speedups=[1, 2], speedup_weights=[1, -1]), "finite numbers >= 0"),
     (dict(target_speedups=[1, 2], speedup_weights=[1, float("nan")]), "finite numbers >= 0"),
     (dict(target_speedups=[1, 2], speedup_weights=[0, 0]), "must not all be 0"),
+    (dict(target_speedups=[1, 2], speedup_weights=[1e308, 1e308]), "must have a finite sum"),
+    (dict(target_speedups=[1.5, 1.5000001]), "both print as 1.5"),  # config.json's schedules keys would collide
+    (dict(target_speedups=[2.5, 2.9]), r"2.5 and 2.9 keep the same layers \[0, 5\]"),
     (dict(target_speedups=[1, 4]), r"target_speedup must be in \[1, 3\] for 6 layers"),  # uls_schedule's own
     (dict(target_speedups=[1, float("nan")]), "target_speedup must be a finite number"),
     (dict(target_speedups=[]), "at least one speedup"),

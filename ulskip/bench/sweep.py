@@ -285,8 +285,8 @@ def sweep(args, r, progress=True, on_row=None) -> tuple[list[dict], dict]:
                     st = sysobj.stats
                     row.update(speculative=st, roofline_step_ms=None, roofline_tokens_per_s=None,
                                achieved_GBps=None, pct_roofline=None)
-                    row["note"] = (f"draft {len(st['draft_layers'])}/{L} layers, k={st['num_draft_tokens']}: acceptance "
-                                   f"{st['acceptance_rate']:.2f}, {st['tokens_per_verify']:.2f} tokens per verify pass")
+                    from ulskip.runtime.speculative import describe
+                    row["note"] = describe(st)
                 else:
                     row.update(roofline(step["bytes"], bw, b, dec / 1e3 if dec else None))
             except Exception as e:  # noqa: BLE001  (torch.cuda.OutOfMemoryError included)

@@ -300,8 +300,9 @@ def add_schedule_arguments(p) -> None:
     from ulskip.schedule import DYNAMIC_STRATEGIES, PREFILL_MODES, STRATEGIES
     p.add_argument("--target-speedup", type=float, default=None,
                    help="target speedup s (default: the checkpoint's ulskip section, else all layers)")
-    p.add_argument("--strategy", default="paper", choices=STRATEGIES + DYNAMIC_STRATEGIES,
-                   help="layer policy for --target-speedup (default %(default)s: the ULS rule)")
+    p.add_argument("--strategy", default=None, choices=STRATEGIES + DYNAMIC_STRATEGIES,
+                   help="layer policy for --target-speedup (default: the schedule the checkpoint was fine-tuned for "
+                        "at that speedup, else paper, the ULS rule)")
     p.add_argument("--calibration", default=None,
                    help="--strategy shortgpt: the scores file of `ulskip calibrate` (default: none)")
     p.add_argument("--layer-seed", type=int, default=0,

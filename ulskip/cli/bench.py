@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with all layers, drafting with the ULS schedule of each target speedup > 1 "
                         "(self-speculative decoding; random weights give next to no acceptance, so its tokens/s "
                         "there is the cost of a round per token)")
-    p.add_argument("--num-draft-tokens", type=int, default=4,
-                   help="speculative: drafts per round, in [1, 15] (default %(default)s)")
+    p.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="speculative: drafts per round, in [1, 15] (default 4)")
     p.add_argument("--warmup", type=int, default=1,
                    help="warm-up generates per row (not timed), >= 0 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=None,
@@ -163,8 +163,17 @@ def resolve_args(args) -> dict:
     if bad or not systems:
         raise BenchError(f"--systems must be a comma list from {', '.join(SYSTEMS)}, got unknown "
                          f"{', '.join(bad) or '(empty)'}")
+    if args.num_draft_tokens is not None and "speculative" not in systems:
+        raise BenchError("--num-draft-tokens is for --systems speculative, which is not in --systems")
+    if args.num_draft_tokens is None:
+        args.num_draft_tokens = 4
     if "speculative" in systems:
         from ulskip.runtime.speculative import MAX_DRAFT_TOKENS
+        if args.strategy != "paper":
+            raise BenchError(f"--systems speculative drafts with the paper's schedule; --strategy {args.strategy} "
+                             "is for the other systems (run them separately)")
+        if not any(s > 1 for s in speedups):
+            raise BenchError("--systems speculative needs a --target-speedups value > 1 (the draft's speedup)")
         if not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
             raise BenchError(f"--num-draft-tokens must be in [1, {MAX_DRAFT_TOKENS}], got {args.num_draft_tokens}")
         if max_pos is not None and args.prompt_len + args.new_tokens + args.num_draft_tokens > max_pos:

@@ -46,8 +46,8 @@ def add_arguments(p):
     p.add_argument("--speculative-draft-speedup", type=float, default=None,
                    help="lossless mode: self-speculative decoding with all layers verifying what the ULS schedule "
                         "of this speedup (> 1) drafts; the output is the full model's (default: off)")
-    p.add_argument("--num-draft-tokens", type=int, default=4,
-                   help="with --speculative-draft-speedup: drafts per round, in [1, 15] (default %(default)s)")
+    p.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="with --speculative-draft-speedup: drafts per round, in [1, 15] (default 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: off)")
 
 
@@ -90,8 +90,16 @@ def check_args(args) -> list:
         require(len(prompts) == 1, "--stream", "used with one prompt", f"{len(prompts)} prompts")
         require(args.num_beams == 1, "--num-beams", "1 with --stream", args.num_beams)
         require(not args.json, "--stream", "used without --json", "--json")
+    if args.num_draft_tokens is not None:
+        require(args.speculative_draft_speedup is not None, "--num-draft-tokens", "used with "
+                "--speculative-draft-speedup", args.num_draft_tokens)
     if args.speculative_draft_speedup is not None:
         from ulskip.runtime.speculative import MAX_DRAFT_TOKENS
+        if args.num_draft_tokens is None:
+            args.num_draft_tokens = 4
+        for flag, v in (("--strategy", args.strategy), ("--prefill", args.prefill), ("--calibration", args.calibration)):
+            require(v is None, flag, "left out with --speculative-draft-speedup (all layers verify; the draft is the "
+                    "checkpoint's schedule for that speedup, else the paper's)", v)
         check_finite("--speculative-draft-speedup", args.speculative_draft_speedup, "a finite number > 1")
         require(args.speculative_draft_speedup > 1, "--speculative-draft-speedup", "> 1 (1 = no draft)",
                 args.speculative_draft_speedup)
@@ -148,9 +156,8 @@ def run(args) -> int:
     print(f"kept layers ({len(eng.kept_layers)} of {eng.num_layers}, prefill={eng.prefill_mode}): "
           f"{','.join(map(str, eng.kept_layers))}")
     if out.speculative:
-        st = out.speculative
-        print(f"speculative: draft layers {','.join(map(str, st['draft_layers']))}, k={st['num_draft_tokens']}: "
-              f"acceptance {st['acceptance_rate']:.2f}, {st['tokens_per_verify']:.2f} tokens per verify pass")
+        from ulskip.runtime.speculative import describe
+        print(f"speculative: {describe(out.speculative)}")
     for i, seq in enumerate(out.sequences):
         print(f"--- [{i}] {out.texts[i] if out.texts else seq}")
     print(f"{n} new tokens in {secs:.2f} s ({n / secs:.1f} tokens/s, {eng.device}, {str(eng.dtype)[6:]})")

@@ -159,12 +159,14 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path, target_speedup=None, schedule=None, prefill=None, dtype=None,
                         device=None, max_batch_size: int = 8, max_seq_len: int | None = None,
-                        strategy: str = "paper", cuda_graphs: bool = True, layer_seed: int = 0,
+                        strategy: str | None = None, cuda_graphs: bool = True, layer_seed: int = 0,
                         block_influence=None):
         """Load a local Hugging Face checkpoint folder. Without target_speedup/schedule, the folder's
         `ulskip` section (written by `ulskip train`) decides the schedule and prefill mode; without
         that section all layers are kept. strategy: the layer policy for target_speedup (ulskip.schedule:
-        paper/uls, even, early-exit, shortgpt with block_influence, random with layer_seed)."""
+        paper/uls, even, early-exit, shortgpt with block_influence, random with layer_seed); None: the
+        schedule the checkpoint was fine-tuned for at target_speedup (one of a several-speedups fine-tune's),
+        else the paper's rule."""
         cfg = load_config(path)
         plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip, layer_seed,
                          block_influence)
@@ -178,7 +180,7 @@ class Engine:
 
     @classmethod
     def from_hf_model(cls, hf_model, target_speedup=None, schedule=None, prefill=None,
-                      max_batch_size: int = 8, max_seq_len: int | None = None, strategy: str = "paper",
+                      max_batch_size: int = 8, max_seq_len: int | None = None, strategy: str | None = None,
                       tokenizer=None, cuda_graphs: bool = True, layer_seed: int = 0, block_influence=None):
         """Build from a live transformers model (same device and dtype; fused weights are copies)."""
         cfg = check_config(from_hf(hf_model.config), "the model's config")
@@ -284,6 +286,8 @@ class Engine:
         positions[b] .. positions[b] + T - 1 of cache rows 0..B-1 -> fp32 logits [B, T, V] of every token.
         Writes their K/V at every kept layer; reads the cache before positions[b]. On a GPU a CUDA graph per
         (batch bucket, T): its result is the graph's static buffer, valid until the next verify pass."""
+        if tokens.ndim != 2:
+            raise ValueError(f"verify takes tokens [batch, T], got shape {tuple(tokens.shape)}")
         T = tokens.shape[1]
         if not 1 <= T <= MAX_VERIFY_TOKENS:
             raise ValueError(f"a verify pass takes 1 to {MAX_VERIFY_TOKENS} tokens per sequence, got {T}")

@@ -31,7 +31,7 @@ import torch
 from ulskip.arguments import integer, number
 from ulskip.kernels.decode_attention import MAX_VERIFY_TOKENS
 from ulskip.runtime.sampling import draw, probabilities
-from ulskip.schedule import uls_schedule, validate_schedule
+from ulskip.schedule import KEEPS_ENDS, trained_schedule, uls_schedule, validate_schedule
 
 MAX_DRAFT_TOKENS = MAX_VERIFY_TOKENS - 1  # the verify pass holds the last accepted token and the drafts
 
@@ -47,6 +47,15 @@ class SpeculativeConfig:
             what=f"an integer in [1, {MAX_DRAFT_TOKENS}]"))
         object.__setattr__(self, "draft_speedup", number(
             "draft_speedup", self.draft_speedup, 1, lo_open=True, what="a finite number > 1 (1 = no draft)"))
+
+
+def describe(stats: dict) -> str:
+    """One line of a run's statistics ("-" where no round ran: max_new_tokens 1, or EOS first everywhere)."""
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+    return (f"draft {len(stats['draft_layers'])} layers ({','.join(map(str, stats['draft_layers']))}), "
+            f"k={stats['num_draft_tokens']}: acceptance {f(stats['acceptance_rate'])}, "
+            f"{f(stats['tokens_per_verify'])} tokens per verify pass")
 
 
 def check_speculative(spec) -> SpeculativeConfig | None:
@@ -78,14 +87,20 @@ def trained_speedups(section: dict | None) -> list[float]:
 
 
 def draft_layers(num_layers: int, spec: SpeculativeConfig, section: dict | None) -> list[int]:
-    """The draft's layers: the checkpoint's own schedule for draft_speedup when it lists one (a multi-speedup
-    fine-tune), else the ULS rule. Warns when the checkpoint was not trained to skip at that speedup."""
+    """The draft's layers: the schedule the checkpoint was fine-tuned for at draft_speedup (one of a
+    several-speedups fine-tune's, or a one-speedup fine-tune's kept layers), else the ULS rule. Warns when
+    the checkpoint was not trained to skip at that speedup."""
     s = spec.draft_speedup
-    schedules = (section or {}).get("schedules") or {}
-    if _key(s) in schedules:
-        layers = validate_schedule(num_layers, schedules[_key(s)], require_ends=False)
+    trained_layers = trained_schedule(section, s)
+    if trained_layers is not None:
+        layers = validate_schedule(num_layers, trained_layers,
+                                   require_ends=(section or {}).get("strategy", "paper") in KEEPS_ENDS)
     else:
-        layers = uls_schedule(num_layers, s)
+        try:
+            layers = uls_schedule(num_layers, s)
+        except ValueError:
+            raise ValueError(f"draft_speedup must be in (1, {num_layers / 2:g}] for {num_layers} layers (the draft "
+                             f"keeps at least two), got {s:g}") from None
     trained = trained_speedups(section)
     if not any(math.isclose(s, t) for t in trained):
         why = (f"it was fine-tuned for speedups {[_key(t) for t in trained]}" if trained else
@@ -180,7 +195,7 @@ def speculative_decode(engine, logits, lengths, gen, spec: SpeculativeConfig, dr
     accepted = torch.zeros((), dtype=torch.long, device=dev)
     row_rounds = torch.zeros((), dtype=torch.long, device=dev)
     flag, rounds = _LateFlag(dev), 0
-    for _ in range(max_new):                    # every live row gains >= 1 token per round
+    for _ in range(max_new - 1):                # every live row gains >= 1 token per round
         if flag.push(done):
             break
         tokens, n = _round(engine, last, pos, k, draft, gen, rng, sampling)

@@ -255,6 +255,16 @@ def _speedup_set(num_layers, target_speedups, speedup_weights, strategy, layer_s
     dup = next((s for i, s in enumerate(speeds) if s in speeds[:i]), None)
     if dup is not None:
         raise ValueError(f"target_speedups lists {dup:g} twice ({raw!r}): give each speedup once")
+    keys = [f"{s:g}" for s in speeds]  # how config.json's `schedules` names them
+    clash = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
+    if clash is not None:
+        raise ValueError(f"target_speedups {speeds[keys.index(keys[clash])]!r} and {speeds[clash]!r} both print as "
+                         f"{keys[clash]}: give speedups that differ in their first 6 digits")
+    same = next(((j, i) for i in range(len(kept)) for j in range(i) if kept[i] == kept[j]), None)
+    if same is not None:
+        j, i = same
+        raise ValueError(f"target_speedups {keys[j]} and {keys[i]} keep the same layers {kept[i]} on this "
+                         f"{num_layers}-layer model: list one of them (use speedup_weights to draw it more often)")
     if speedup_weights is None:
         weights = [1.0] * len(speeds)
     else:
@@ -269,6 +279,8 @@ def _speedup_set(num_layers, target_speedups, speedup_weights, strategy, layer_s
             raise ValueError(f"speedup_weights must be finite numbers >= 0, got {weights!r}")
         if not any(w > 0 for w in weights):
             raise ValueError(f"speedup_weights must not all be 0 (no schedule could be drawn), got {weights!r}")
+        if not math.isfinite(sum(weights)):
+            raise ValueError(f"speedup_weights must have a finite sum (the draw normalizes them), got {weights!r}")
         weights = [float(w) for w in weights]
     order = sorted(range(len(speeds)), key=speeds.__getitem__)
     return ([speeds[i] for i in order], [weights[i] for i in order],

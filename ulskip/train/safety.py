@@ -191,6 +191,13 @@ def check_speedup_args(args) -> None:
                   "comma-separated finite numbers >= 0 (default: uniform)")
             _need(any(w > 0 for w in weights), "speedup-weights", w_raw,
                   "weights not all 0 (no schedule could be drawn)")
+            _need(_finite(sum(weights)), "speedup-weights", w_raw, "weights with a finite sum")
+    if listed is None or len(speeds) == 1:  # one speedup: nothing is drawn, so these flags would do nothing
+        for flag, v, default in (("speedup-weights", getattr(args, "speedup_weights", None), None),
+                                 ("speedup-draw", getattr(args, "speedup_draw", "step"), "step")):
+            if v != default:
+                raise TrainError(f"--{flag} {v} needs --target-speedups with at least two speedups (one schedule "
+                                 "is never drawn)")
     draw = getattr(args, "speedup_draw", "step")
     _need(draw in ("step", "micro-batch"), "speedup-draw", draw, "one of step, micro-batch (default step)")
     boundary = getattr(args, "draft_boundary", "prefix")
