@@ -105,3 +105,15 @@ def test_generate_stops_at_generation_config_end_tokens(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["sequences"][0] == free[:free.index(end) + 1]
     assert main(base + ["--no-eos"]) == 0
     assert json.loads(capsys.readouterr().out)["sequences"][0] == free
+
+
+def test_generate_stream_speculative(tmp_path, capsys):
+    from helpers import make_checkpoint
+    path = make_checkpoint(tmp_path / "ckpt", "llama", num_layers=4, seed=2)
+    base = ["generate", path, "--prompt", "question : where is paris ? answer :", "--max-new-tokens", "8", "--stream"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out.splitlines()
+    with pytest.warns(UserWarning, match="not fine-tuned"):
+        assert main(base + ["--speculative-draft-speedup", "2", "--num-draft-tokens", "3"]) == 0
+    spec = capsys.readouterr().out.splitlines()
+    assert spec[0] == plain[0] and spec[1].split(" new tokens")[0] == plain[1].split(" new tokens")[0]

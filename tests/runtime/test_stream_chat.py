@@ -105,6 +105,24 @@ def test_stop_with_speculation_equals_plain(eng):
     assert spec.finish_reasons == plain.finish_reasons and "stop" in plain.finish_reasons
 
 
+def test_stream_with_speculation_equals_generate(eng):
+    """Round by round, the same events as plain streaming: tokens, text pieces, finish reasons (EOS, a stop
+    string that ends one sequence mid-round, length)."""
+    import warnings
+    full = eng.generate(PROMPTS, max_new_tokens=10)
+    for kw in (dict(), dict(stop=full.texts[0].split()[1]), dict(eos_token_id=full.sequences[1][4]),
+               dict(max_new_tokens=1)):
+        kw = {"max_new_tokens": 10, **kw}
+        plain = [(e.index, e.token_id, e.text, e.finish_reason) for e in eng.stream(PROMPTS, **kw)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an untrained model: the low-acceptance warning
+            spec = [(e.index, e.token_id, e.text, e.finish_reason)
+                    for e in eng.stream(PROMPTS, speculative={"draft_speedup": 2, "num_draft_tokens": 3}, **kw)]
+        for i in range(len(PROMPTS)):  # the order across rows differs (a round gives a row several tokens)
+            assert [e for e in spec if e[0] == i] == [e for e in plain if e[0] == i], (kw, i)
+        assert len(spec) == len(plain)
+
+
 def test_eos_finishes_with_stop(eng):
     first = eng.generate(PROMPTS[:1], max_new_tokens=6).sequences[0]
     cut = first[:first.index(first[2]) + 1]

@@ -108,8 +108,6 @@ def check_args(args) -> list:
         require(args.target_speedup is None, "--target-speedup", "left out with --speculative-draft-speedup (all "
                 "layers verify; the draft's schedule is that speedup's)", args.target_speedup)
         require(args.num_beams == 1, "--num-beams", "1 with --speculative-draft-speedup", args.num_beams)
-        require(not args.stream, "--stream", "used without --speculative-draft-speedup (not supported together)",
-                "--stream")
     from ulskip.runtime.engine import DTYPES
     check_choice("--dtype", args.dtype, list(DTYPES))
     check_device(args.device)
@@ -139,7 +137,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if args.stream:
         n = 0
-        for ev in eng.stream(prompts, **kw):
+        for ev in eng.stream(prompts, speculative=spec, **kw):
             print(ev.text, end="", flush=True)
             n += 1
         secs = time.perf_counter() - t0

@@ -25,7 +25,7 @@ from ulskip.runtime.generation import GenerationConfig
 from ulskip.runtime.graphs import DecodeGraphs, PrefillGraphs
 from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
-from ulskip.runtime.speculative import check_speculative, draft_layers, speculative_decode
+from ulskip.runtime.speculative import check_speculative, draft_layers, speculative_decode, speculative_stream
 from ulskip.runtime.text import IncrementalText, check_stop, cut_at_stop, find_stop
 from ulskip.schedule import check_prefill, make_plan
 
@@ -363,11 +363,17 @@ class Engine:
     @torch.inference_mode()
     def stream(self, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, eos_token_id=None, seed=None, repetition_penalty: float = 1.0,
-               no_repeat_ngram_size: int = 0, stop=None):
+               no_repeat_ngram_size: int = 0, stop=None, speculative=None):
         """generate() as it happens: yields a TokenEvent per new token of each sequence, step by step (the
-        same tokens generate() returns). Text pieces need the checkpoint's tokenizer; without one they are ""."""
+        same tokens generate() returns; with speculative=, round by round). Text pieces need the checkpoint's
+        tokenizer; without one they are ""."""
         prompts, gen, stops = self._setup(prompts, locals())
+        spec = self._check_speculative(speculative, prompts, gen)
         logits, lengths, history = self._start(prompts, gen)
+        if spec is not None:
+            for row, token, piece, reason in speculative_stream(self, logits, lengths, gen, spec, self._draft, stops):
+                yield TokenEvent(row, token, piece, reason)
+            return
         yield from self._host_loop(logits, lengths, gen, history, stops)
 
     def _check_speculative(self, speculative, prompts, gen: GenerationConfig):

@@ -31,6 +31,7 @@ import torch
 from ulskip.arguments import integer, number
 from ulskip.kernels.decode_attention import MAX_VERIFY_TOKENS
 from ulskip.runtime.sampling import draw, probabilities
+from ulskip.runtime.text import IncrementalText, find_stop
 from ulskip.schedule import KEEPS_ENDS, trained_schedule, uls_schedule, validate_schedule
 
 MAX_DRAFT_TOKENS = MAX_VERIFY_TOKENS - 1  # the verify pass holds the last accepted token and the drafts
@@ -171,54 +172,115 @@ class _LateFlag:
         return bool(prev[0][0])
 
 
+class _Rows:
+    """The device state of a batch decoding speculatively: each row's newest token (not yet in the cache),
+    its position, how many tokens it has, whether it is finished; and the running statistics."""
+
+    def __init__(self, engine, logits, lengths, gen, spec: SpeculativeConfig, draft):
+        self.engine, self.gen, self.k, self.draft = engine, gen, spec.num_draft_tokens, tuple(draft)
+        self.spec = spec
+        dev = logits.device
+        self.sampling = gen.do_sample and gen.top_k != 1
+        self.rng = engine._rng(gen)
+        self.first = torch.argmax(logits, dim=-1) if not self.sampling else \
+            draw(probabilities(logits, gen.temperature, gen.top_k, gen.top_p), self.rng)
+        self.eos = torch.tensor(gen.eos_ids, dtype=torch.long, device=dev)
+        self.count = torch.ones(logits.shape[0], dtype=torch.long, device=dev)
+        self.done = self.count >= gen.max_new_tokens
+        if len(gen.eos_ids):
+            self.done |= torch.isin(self.first, self.eos)
+        self.last, self.pos = self.first, lengths.clone()
+        self.ar = torch.arange(self.k + 1, device=dev)
+        self.accepted = torch.zeros((), dtype=torch.long, device=dev)
+        self.row_rounds = torch.zeros((), dtype=torch.long, device=dev)
+        self.rounds = 0
+
+    def round(self):
+        """One draft + verify round for every row -> (tokens [B, k + 1], n [B], live [B]): a row that was live
+        gained tokens[:, :n + 1]. A finished row keeps running (one static program) with its state frozen."""
+        tokens, n = _round(self.engine, self.last, self.pos, self.k, self.draft, self.gen, self.rng, self.sampling)
+        live = ~self.done
+        gained = torch.where(live, n + 1, 0)
+        self.accepted += torch.where(live, n, 0).sum()
+        self.row_rounds += live.sum()
+        self.count += gained
+        if len(self.gen.eos_ids):
+            self.done |= (torch.isin(tokens, self.eos) & (self.ar <= n[:, None])).any(dim=1) & live
+        self.done |= self.count >= self.gen.max_new_tokens
+        self.pos += torch.where(self.done, 0, gained)     # a finished row's position stays inside the cache
+        self.last = tokens.gather(1, n[:, None]).squeeze(1)
+        self.rounds += 1
+        return tokens, n, live
+
+    def stats(self) -> dict:
+        acc, rr, k = int(self.accepted), int(self.row_rounds), self.k
+        return {"draft_speedup": self.spec.draft_speedup, "num_draft_tokens": k, "draft_layers": list(self.draft),
+                "rounds": self.rounds, "row_rounds": rr, "accepted_drafts": acc,
+                "acceptance_rate": acc / (k * rr) if rr else None,
+                "tokens_per_verify": (acc + rr) / rr if rr else None}
+
+
 def speculative_decode(engine, logits, lengths, gen, spec: SpeculativeConfig, draft: list[int]):
     """The decode loop after the prompt pass (logits of each prompt's last token) -> (new tokens per row, cut
-    at max_new_tokens and after the first EOS; statistics)."""
-    B, dev, k = logits.shape[0], logits.device, spec.num_draft_tokens
-    sampling = gen.do_sample and gen.top_k != 1
-    rng = engine._rng(gen)
-    draft = tuple(draft)
-    max_new = gen.max_new_tokens
-    # a row writes its round's k + 1 tokens at count..count + k, past its end by up to k when it finishes;
-    # a finished row keeps running (one static program) from its frozen count
-    out = torch.zeros(B, max_new + 2 * (k + 1), dtype=torch.long, device=dev)
-    first = torch.argmax(logits, dim=-1) if not sampling else \
-        draw(probabilities(logits, gen.temperature, gen.top_k, gen.top_p), rng)
-    out[:, 0] = first
-    eos = torch.tensor(gen.eos_ids, dtype=torch.long, device=dev)
-    count = torch.ones(B, dtype=torch.long, device=dev)
-    done = count >= max_new
-    if len(gen.eos_ids):
-        done |= torch.isin(first, eos)
-    last, pos = first, lengths.clone()          # last: the newest token, not yet in the cache, at pos
-    ar = torch.arange(k + 1, device=dev)
-    accepted = torch.zeros((), dtype=torch.long, device=dev)
-    row_rounds = torch.zeros((), dtype=torch.long, device=dev)
-    flag, rounds = _LateFlag(dev), 0
+    at max_new_tokens and after the first EOS; statistics). Everything stays on the device but the lagged
+    "all finished" flag."""
+    rows = _Rows(engine, logits, lengths, gen, spec, draft)
+    B, k, max_new = logits.shape[0], rows.k, gen.max_new_tokens
+    # a row writes its round's k + 1 tokens at count..count + k, past its end by up to k when it finishes
+    out = torch.zeros(B, max_new + 2 * (k + 1), dtype=torch.long, device=logits.device)
+    out[:, 0] = rows.first
+    flag = _LateFlag(logits.device)
     for _ in range(max_new - 1):                # every live row gains >= 1 token per round
-        if flag.push(done):
+        if flag.push(rows.done):
             break
-        tokens, n = _round(engine, last, pos, k, draft, gen, rng, sampling)
-        live = ~done
-        out.scatter_(1, count[:, None] + ar, tokens)
-        gained = torch.where(live, n + 1, 0)
-        accepted += torch.where(live, n, 0).sum()
-        row_rounds += live.sum()
-        count += gained
-        if len(gen.eos_ids):
-            done |= (torch.isin(tokens, eos) & (ar <= n[:, None])).any(dim=1) & live
-        done |= count >= max_new
-        pos += torch.where(done, 0, gained)     # a finished row's position stays inside the cache
-        last = tokens.gather(1, n[:, None]).squeeze(1)
-        rounds += 1
+        at = rows.count[:, None] + rows.ar
+        tokens, _, _ = rows.round()
+        out.scatter_(1, at, tokens)
     seqs = []
-    for row, c in zip(out.tolist(), count.tolist()):
+    for row, c in zip(out.tolist(), rows.count.tolist()):
         row = row[:min(c, max_new)]
         cut = next((i + 1 for i, t in enumerate(row) if t in gen.eos_ids), len(row))
         seqs.append(row[:cut])
-    acc, rr = int(accepted), int(row_rounds)
-    stats = {"draft_speedup": spec.draft_speedup, "num_draft_tokens": k, "draft_layers": list(draft),
-             "rounds": rounds, "row_rounds": rr, "accepted_drafts": acc,
-             "acceptance_rate": acc / (k * rr) if rr else None,
-             "tokens_per_verify": (acc + rr) / rr if rr else None}
-    return seqs, stats
+    return seqs, rows.stats()
+
+
+def speculative_stream(engine, logits, lengths, gen, spec: SpeculativeConfig, draft: list[int], stops):
+    """speculative_decode as it happens: per round, the new tokens of each live row as (row, token_id, piece,
+    finish_reason) with the streaming loop's semantics (Engine._host_loop: EOS, stop strings, length). One
+    host sync per round; a row a stop string ends is marked finished on the device too."""
+    rows = _Rows(engine, logits, lengths, gen, spec, draft)
+    B, max_new, eos = logits.shape[0], gen.max_new_tokens, set(gen.eos_ids)
+    tok = engine.tokenizer
+    texts = [IncrementalText(tok) for _ in range(B)] if tok is not None else None
+    done, count = [False] * B, [0] * B
+
+    def emit(r, t):
+        piece, reason = "", None
+        if texts is not None:
+            before = len(texts[r].text)
+            piece = texts[r].push(t)
+            if stops and find_stop(texts[r].text, stops, before) is not None:
+                reason = "stop"
+        count[r] += 1
+        if t in eos:
+            reason = "stop"
+        elif reason is None and count[r] == max_new:
+            reason = "length"
+        if reason is not None:
+            done[r] = True
+            if texts is not None:
+                piece += texts[r].flush()
+        return r, t, piece, reason
+
+    for r, t in enumerate(rows.first.tolist()):
+        yield emit(r, t)
+    while not all(done):
+        stopped = [r for r in range(B) if done[r]]
+        if stopped:  # ended on the host (a stop string): freeze it on the device too
+            rows.done[torch.tensor(stopped, device=rows.done.device)] = True
+        tokens, n, _ = rows.round()
+        for r, (ts, nr) in enumerate(zip(tokens.tolist(), n.tolist())):
+            for t in ts[:nr + 1]:
+                if done[r]:
+                    break
+                yield emit(r, t)
