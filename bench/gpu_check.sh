@@ -7,6 +7,7 @@
 # quick/bloomu = ulskip rows only, to merge with earlier baseline rows: ulskip bench --merge;
 # quick1/bloomu1 = the same at batch 1 only; serve = continuous batching on the GPU + the serving load test (the H200 lacks fastapi/uvicorn/httpx: `pip download fastapi uvicorn httpx --dest .whl2 --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64` here, carry .whl2, there `pip install --no-index --find-links .whl2 --target /tmp/site2 fastapi uvicorn httpx; export PYTHONPATH=/tmp/site2`); old1 = build + quick1 of an older checkout unpacked in .old/
 # (git archive REV | tar -x -C .old, carried), to compare speed before and after a change in one sitting);
+# tcomp / tcomp1 = ulskip against the torch-compile peer (issue 12; its compiles take most of the stage);
 # spec7b = the cost of a self-speculative round on llama-2-7b (random weights; SPEC_ACCEPT=a specreal json
 # projects speedups at its acceptance), specreal = acceptance and speed on a real checkpoint (SPEC_CKPT,
 # SPEC_DATA = its test.jsonl), study = quality-study steps (STUDY_MODEL, STUDY_DATA, STUDY_OUT, STUDY_STEPS,
@@ -53,6 +54,8 @@ for s in "${STAGES[@]}"; do
     train2) stage train2 150 "CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 -m ulskip.bench.train --out $OUT/train_bench_x2.json" ;;
     old1)   stage old1 300 "cd .old && OUT=$OUT/old bash bench/gpu_check.sh build quick1" ;;
     serve)  stage serve 200 "python3 -m pytest -q -m gpu tests/runtime/test_engine_gpu.py -k continuous && python3 -m ulskip.bench.serve_load --model llama-2-7b --target-speedup 2 --max-batch-size 16 --concurrency 1,4,16 --json $OUT/serve_load.json" ;;
+    tcomp)  stage tcomp 580 "$BENCH --model llama-2-7b --systems ulskip,torch-compile --json $OUT/tcomp.json" ;;
+    tcomp1) stage tcomp1 300 "$BENCH --model llama-2-7b --systems ulskip,torch-compile --batch-sizes 1 --json $OUT/tcomp1.json" ;;
     spec7b) stage spec7b 330 "python3 -m ulskip.bench.speculative cost --model llama-2-7b --batch-sizes 1,8,32 --draft-speedups 2,3 --num-draft-tokens 2,3,4,6,8 ${SPEC_ACCEPT:+--acceptance $SPEC_ACCEPT} --json $OUT/spec_cost_7b.json" ;;
     specreal) stage specreal 300 "python3 -m ulskip.bench.speculative real --model $SPEC_CKPT --data $SPEC_DATA --batch-sizes 1,8,32 --draft-speedups ${SPEC_DRAFTS:-2,3} --num-draft-tokens 2,3,4,5,6,8 --json $OUT/spec_real.json" ;;
     study)  stage study 580 "python3 -m ulskip.bench.quality run --model $STUDY_MODEL --data $STUDY_DATA --out $STUDY_OUT --steps $STUDY_STEPS $STUDY_ARGS" ;;

@@ -7,6 +7,7 @@ Such kernels are defined but never launched, because `use_triton` is False witho
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -41,3 +42,20 @@ def use_triton(t, interpreter: bool = False) -> bool:
     if not enabled():
         return False
     return t.is_cuda or (interpreter and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@contextlib.contextmanager
+def reference_ops():
+    """Within the block every op runs its PyTorch reference, as with ULSKIP_NO_TRITON=1 (the bench's
+    torch-compile peer: the project's own model in plain torch ops, for torch.compile to fuse)."""
+    before = os.environ.get("ULSKIP_NO_TRITON")
+    os.environ["ULSKIP_NO_TRITON"] = "1"
+    enabled.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ULSKIP_NO_TRITON", None)
+        else:
+            os.environ["ULSKIP_NO_TRITON"] = before
+        enabled.cache_clear()

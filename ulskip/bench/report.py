@@ -5,8 +5,10 @@ import json
 import math
 import os
 
-SYSTEMS = ("ulskip", "hf-eager-full", "hf-eager-skip", "hf-compile-skip", "speculative")
-DEFAULT_SYSTEMS = SYSTEMS[:4]  # speculative: asked for by name (its speed depends on acceptance, i.e. on real weights)
+SYSTEMS = ("ulskip", "hf-eager-full", "hf-eager-skip", "hf-compile-skip", "speculative", "torch-compile")
+# asked for by name: speculative (its speed depends on acceptance, i.e. on real weights) and torch-compile
+# (minutes of compiling per row on a GPU)
+DEFAULT_SYSTEMS = SYSTEMS[:4]
 
 
 def derive(rows: list[dict]) -> None:

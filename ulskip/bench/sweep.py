@@ -8,6 +8,9 @@ Sweeps target speedups x batch sizes. Systems (same weights, same random prompts
                    the kept layers only, i.e. prefill "skip")
   hf-compile-skip  the same copy with a static cache + transformers' automatic torch.compile
                    (mode="reduce-overhead") of the decode step; transformers compiles on GPUs only
+  torch-compile    the project's own model in its PyTorch reference ops (no Triton kernels, no hand-made CUDA
+                   graphs) with the static compact cache, its decode step under torch.compile(mode=
+                   "reduce-overhead") -- gpt-fast's approach, on our model code; the prompt pass eager
   speculative      our Engine with all layers, self-speculative: the ULS schedule of the row's speedup drafts
                    --num-draft-tokens per round, all layers verify (greedy; the output is the full model's)
 Every system generates exactly --new-tokens tokens (greedy; HF with min_new_tokens=max_new_tokens).
@@ -93,6 +96,38 @@ class ULSystem:
     def bind(self, prompts):
         def generate(n):
             out = self.engine.generate(prompts, max_new_tokens=n, eos_token_id=None)
+            return [len(s) for s in out.sequences], self.engine.kv_cache_nbytes
+        return generate
+
+
+class TorchCompileSystem:
+    """The compiled-PyTorch peer (issue 12): Engine with reference ops and cuda_graphs=False, its eager decode
+    step wrapped in torch.compile; reduce-overhead (CUDA graphs by the compiler) on a GPU, inductor's default
+    on a CPU. Every generate runs inside reference_ops(), so the compiled graph and the prompt pass see the
+    same plain-torch ops."""
+
+    def __init__(self, hf, kept, prefill, batch, max_seq_len, device):
+        from ulskip.kernels.backend import reference_ops
+        from ulskip.runtime.engine import Engine
+        self.reference_ops = reference_ops
+        torch._dynamo.reset()  # a fresh cache per engine: dynamo's recompile limit would fall back to eager
+        with reference_ops():
+            self.engine = Engine.from_hf_model(hf, schedule=list(kept), prefill=prefill, max_batch_size=batch,
+                                               max_seq_len=max_seq_len, cuda_graphs=False)
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        self.engine._decode_eager = torch.compile(self.engine._decode_eager, mode=mode)
+        self.note = f"torch.compile(mode={mode!r}) of the decode step, reference ops"
+
+    def generate(self, prompts, n):
+        import warnings
+        with self.reference_ops(), warnings.catch_warnings():
+            # dynamo notes that it traces through functools.lru_cache (the ops' dispatch switch): known, harmless
+            warnings.filterwarnings("ignore", message=".*functools.lru_cache")
+            return self.engine.generate(prompts, max_new_tokens=n, eos_token_id=None)
+
+    def bind(self, prompts):
+        def generate(n):
+            out = self.generate(prompts, n)
             return [len(s) for s in out.sequences], self.engine.kv_cache_nbytes
         return generate
 
@@ -240,7 +275,7 @@ def sweep(args, r, progress=True, on_row=None) -> tuple[list[dict], dict]:
             bar.set_postfix_str(f"{system} s={s:g} bs={b}")
             row = {"system": system, "target_speedup": s, "kept_layers": list(kept), "num_kept": len(kept),
                    "num_layers": L, "batch_size": b, "prompt_len": P, "new_tokens": N,
-                   "prefill": args.prefill if system == "ulskip" else
+                   "prefill": args.prefill if system in ("ulskip", "torch-compile") else
                    ("full" if system in ("hf-eager-full", "speculative") else "skip"),
                    "status": "ok", "error": None, "note": ""}
             step = decode_step_bytes(counts, kept, b, P, N)
@@ -265,6 +300,11 @@ def sweep(args, r, progress=True, on_row=None) -> tuple[list[dict], dict]:
                 if system == "ulskip":
                     t1 = time.perf_counter()
                     sysobj = ULSystem(hf, kept, args.prefill, b, P + N)
+                    row["build_s"] = time.perf_counter() - t1
+                    gen = sysobj.bind(all_ids[:b].tolist())
+                elif system == "torch-compile":
+                    t1 = time.perf_counter()
+                    sysobj = TorchCompileSystem(hf, kept, args.prefill, b, P + N, device)
                     row["build_s"] = time.perf_counter() - t1
                     gen = sysobj.bind(all_ids[:b].tolist())
                 elif system == "speculative":
@@ -293,7 +333,7 @@ def sweep(args, r, progress=True, on_row=None) -> tuple[list[dict], dict]:
                 row["status"], row["error"] = "failed", _reason(e)
             finally:
                 sysobj = gen = None
-                _free(device, collect=row["status"] != "ok" or system in ("ulskip", "speculative"))
+                _free(device, collect=row["status"] != "ok" or system in ("ulskip", "speculative", "torch-compile"))
             rows.append(row)
             bar.update(1)
             if on_row:
