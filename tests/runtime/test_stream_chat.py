@@ -161,3 +161,30 @@ def test_bad_chat(eng, tmp_path):
     eng2.tokenizer.chat_template = None
     with pytest.raises(ValueError, match="chat needs a tokenizer with a chat template"):
         eng2.chat([{"role": "user", "content": "x"}])
+
+
+def test_per_prompt_sampling_parameters(eng):
+    """Lists of do_sample / temperature / top_k / top_p / seed, one value per prompt: each sequence gets what
+    generate gives it alone (seeded rows draw from their own generator), in generate and in stream."""
+    per = dict(do_sample=[False, True, True], temperature=[1.0, 0.7, 1.3], top_k=[0, 5, 0], top_p=[1.0, 1.0, 0.9],
+               seed=[None, 3, 4])
+    out = eng.generate(PROMPTS, max_new_tokens=10, **per)
+    for i, p in enumerate(PROMPTS):
+        alone = eng.generate([p], max_new_tokens=10, **{k: v[i] for k, v in per.items()})
+        assert out.sequences[i] == alone.sequences[0], i
+    seqs = [[] for _ in PROMPTS]
+    for ev in eng.stream(PROMPTS, max_new_tokens=10, **per):
+        seqs[ev.index].append(ev.token_id)
+    assert seqs == out.sequences
+    assert out.sequences[1] != eng.generate([PROMPTS[1]], max_new_tokens=10).sequences[0]  # row 1 really samples
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=[0.5, 1.0]), r"temperature as a list must hold one value per prompt \(3\), got 2"),
+    (dict(do_sample=True, temperature=[1.0, -1.0, 1.0]), r"prompt 1: temperature must be > 0, got -1.0"),
+    (dict(seed=[1, 2, 3], num_beams=2), r"per-prompt seed with beam search is not supported"),
+    (dict(seed=[1, 2, 3], speculative={"draft_speedup": 2}), r"per-prompt seed with speculative decoding"),
+])
+def test_bad_per_prompt_arguments(eng, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        eng.generate(PROMPTS, max_new_tokens=4, **kwargs)

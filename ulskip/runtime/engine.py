@@ -7,6 +7,7 @@ that schedule, so a decode step is one fixed program.
 """
 from __future__ import annotations
 
+import copy
 import numbers
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from ulskip.schedule import check_prefill, make_plan
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 EOS_CHECK_EVERY = 8  # steps between host syncs that look for "all sequences finished"
+PER_ROW = ("do_sample", "temperature", "top_k", "top_p", "seed")  # generate()/stream() take these per prompt too
 
 
 @dataclass
@@ -428,7 +430,28 @@ class Engine:
         keys = [k for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams",
                             "eos_token_id", "seed", "output_scores", "length_penalty", "repetition_penalty",
                             "no_repeat_ngram_size") if k in call]
-        gen = GenerationConfig(**{k: call[k] for k in keys})
+        per_row = [k for k in PER_ROW if isinstance(call.get(k), (list, tuple))]
+        if per_row:
+            for k in per_row:
+                if len(call[k]) != len(prompts):
+                    raise ValueError(f"{k} as a list must hold one value per prompt ({len(prompts)}), got "
+                                     f"{len(call[k])}: {list(call[k])!r}"[:300])
+            # one config per row (each checked like a call of its own), and the shared one with row 0's values
+            rows = []
+            for i in range(len(prompts)):
+                kw = {k: (call[k][i] if k in per_row else call[k]) for k in keys}
+                try:
+                    rows.append(GenerationConfig(**kw))
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from None
+            gen = copy.copy(rows[0])
+            gen.rows = rows
+            if gen.num_beams > 1:
+                raise ValueError(f"per-prompt {', '.join(per_row)} with beam search is not supported; use num_beams=1")
+            if call.get("speculative") is not None:
+                raise ValueError(f"per-prompt {', '.join(per_row)} with speculative decoding is not supported")
+        else:
+            gen = GenerationConfig(**{k: call[k] for k in keys})
         gen.check_vocab(self.cfg.vocab_size)
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need the checkpoint's tokenizer (none found); use eos_token_id instead")
@@ -459,11 +482,18 @@ class Engine:
     def _next_tokens(self, logits, gen: GenerationConfig, history, rng) -> torch.Tensor:
         if history is not None:  # in place: logits is this step's buffer, rewritten by the next step
             apply_penalties_(logits, history, gen.repetition_penalty, gen.no_repeat_ngram_size)
+        if gen.rows is not None:  # per-prompt sampling: each row draws from its own generator, as alone
+            greedy = torch.argmax(logits, dim=-1)
+            picks = [sample(logits[r:r + 1], g.temperature, g.top_k, g.top_p, rng[r])[0] if g.do_sample else greedy[r]
+                     for r, g in enumerate(gen.rows)]
+            return torch.stack(picks)
         if gen.do_sample:
             return sample(logits, gen.temperature, gen.top_k, gen.top_p, rng)
         return torch.argmax(logits, dim=-1)
 
     def _rng(self, gen: GenerationConfig):
+        if gen.rows is not None:
+            return [self._rng(g) for g in gen.rows]
         if gen.do_sample and gen.seed is not None:
             return torch.Generator(device=self.device).manual_seed(gen.seed)
         return None

@@ -23,6 +23,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0       # transformers' RepetitionPenaltyLogitsProcessor; 1 = off
     no_repeat_ngram_size: int = 0         # transformers' NoRepeatNGramLogitsProcessor; 0 = off
     eos_ids: list[int] = field(init=False, default_factory=list)  # eos_token_id as a list ([] = no stop)
+    rows: list | None = field(init=False, default=None)  # per-prompt sampling: one config per row (Engine._setup)
 
     def __post_init__(self):
         """Checks every field (the rule of ulskip/arguments.py) and normalizes numpy / 0-d tensor values.
