@@ -185,11 +185,18 @@ class Plan:
     skipdecode: SkipDecode | None = None
 
 
-def trained_schedule(section: dict | None, target_speedup) -> list[int] | None:
+def trained_schedule(section: dict | None, target_speedup, num_layers: int | None = None) -> list[int] | None:
     """The layers a checkpoint was fine-tuned to run at target_speedup: its `schedules` entry (a
     several-speedups fine-tune), or its kept_layers when its one target_speedup is that one (a static
-    strategy); None when it was not trained for that speedup."""
-    section = section or {}
+    strategy); None when it was not trained for that speedup. With num_layers: checked for a model of
+    that many layers (validate_schedule; the ends only for the strategies that keep them)."""
+    kept = _trained(section or {}, target_speedup)
+    if kept is None or num_layers is None:
+        return kept
+    return validate_schedule(num_layers, kept, require_ends=(section or {}).get("strategy", "paper") in KEEPS_ENDS)
+
+
+def _trained(section: dict, target_speedup) -> list[int] | None:
     try:
         s = float(target_speedup)
     except (TypeError, ValueError):
@@ -220,10 +227,8 @@ def make_plan(num_layers: int, target_speedup=None, schedule=None, prefill=None,
         dynamic = skipdecode(num_layers, target_speedup)
         kept = dynamic.union
     elif target_speedup is not None:
-        trained = trained_schedule(section, target_speedup) if strategy is None else None
-        if trained is not None:
-            kept = validate_schedule(num_layers, trained, require_ends=section.get("strategy", "paper") in KEEPS_ENDS)
-        else:
+        kept = trained_schedule(section, target_speedup, num_layers) if strategy is None else None
+        if kept is None:
             kept = uls_schedule(num_layers, target_speedup, strategy or "paper", seed=seed,
                                 block_influence=block_influence)
     elif section.get("kept_layers") and section.get("strategy") in DYNAMIC_STRATEGIES:

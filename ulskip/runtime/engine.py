@@ -27,7 +27,7 @@ from ulskip.runtime.graphs import DecodeGraphs, PrefillGraphs
 from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
 from ulskip.runtime.speculative import check_speculative, draft_layers, speculative_decode, speculative_stream
-from ulskip.runtime.text import IncrementalText, check_stop, cut_at_stop, find_stop
+from ulskip.runtime.text import SequenceEnds, check_stop, cut_at_stop
 from ulskip.schedule import check_prefill, make_plan
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -338,10 +338,10 @@ class Engine:
         self-speculative decoding (ulskip/runtime/speculative.py) on an engine that holds all layers: the
         ULS schedule of speedup s drafts k tokens, all layers verify them; the output is the full model's."""
         prompts, gen, stops = self._setup(prompts, locals())
-        spec = self._check_speculative(speculative, prompts, gen)
+        spec, draft = self._check_speculative(speculative, prompts, gen)
         logits, lengths, history = self._start(prompts, gen)
         if spec is not None:
-            seqs, stats = speculative_decode(self, logits, lengths, gen, spec, self._draft)
+            seqs, stats = speculative_decode(self, logits, lengths, gen, spec, draft)
             cuts = [cut_at_stop(self.tokenizer, s, stops) if stops else (s, False) for s in seqs]
             seqs = [s for s, _ in cuts]
             reasons = ["stop" if hit or (s and s[-1] in gen.eos_ids) else "length" for s, hit in cuts]
@@ -370,20 +370,20 @@ class Engine:
         same tokens generate() returns; with speculative=, round by round). Text pieces need the checkpoint's
         tokenizer; without one they are ""."""
         prompts, gen, stops = self._setup(prompts, locals())
-        spec = self._check_speculative(speculative, prompts, gen)
+        spec, draft = self._check_speculative(speculative, prompts, gen)
         logits, lengths, history = self._start(prompts, gen)
         if spec is not None:
-            for row, token, piece, reason in speculative_stream(self, logits, lengths, gen, spec, self._draft, stops):
+            for row, token, piece, reason in speculative_stream(self, logits, lengths, gen, spec, draft, stops):
                 yield TokenEvent(row, token, piece, reason)
             return
         yield from self._host_loop(logits, lengths, gen, history, stops)
 
     def _check_speculative(self, speculative, prompts, gen: GenerationConfig):
-        """The speculative argument against this engine and call -> SpeculativeConfig or None; sets the
-        draft layers (warning when the checkpoint was not trained for the draft speedup)."""
+        """The speculative argument against this engine and call -> (SpeculativeConfig, draft layers), or
+        (None, None); warns when the checkpoint was not trained for the draft speedup."""
         spec = check_speculative(speculative)
         if spec is None:
-            return None
+            return None, None
         if gen.num_beams > 1:
             raise ValueError("speculative decoding with beam search is not supported; use num_beams=1")
         if gen.penalized:
@@ -400,8 +400,7 @@ class Engine:
             raise ValueError(f"prompt length {longest} + max_new_tokens {gen.max_new_tokens} + num_draft_tokens {k} = "
                              f"{longest + gen.max_new_tokens + k} exceeds max_seq_len={self.max_seq_len} (a round "
                              "writes k positions past the newest token)")
-        self._draft = draft_layers(self.num_layers, spec, self.cfg.ulskip)
-        return spec
+        return spec, draft_layers(self.num_layers, spec, self.cfg.ulskip)
 
     def chat_prompt(self, messages) -> list[int]:
         """One conversation ([{"role": ..., "content": ...}, ...]) -> prompt token ids through the
@@ -502,33 +501,17 @@ class Engine:
         """The decode loop with each step's tokens on the host (one sync per step): streaming and stop
         strings. Yields a TokenEvent per live sequence and step; a finished sequence's row keeps running
         (the batch is one static program) and its tokens are dropped."""
-        B, eos, rng = logits.shape[0], set(gen.eos_ids), self._rng(gen)
-        texts = [IncrementalText(self.tokenizer) for _ in range(B)] if self.tokenizer is not None else None
-        done = [False] * B
+        rng = self._rng(gen)
+        ends = SequenceEnds(logits.shape[0], self.tokenizer, gen.eos_ids, stops, gen.max_new_tokens)
         positions = lengths.clone()
         for t in range(gen.max_new_tokens):
             nxt = self._next_tokens(logits, gen, history, rng)
             if history is not None:
                 history.append(nxt)
             for r, tok in enumerate(nxt.tolist()):
-                if done[r]:
-                    continue
-                piece, reason = "", None
-                if texts is not None:
-                    before = len(texts[r].text)
-                    piece = texts[r].push(tok)
-                    if stops and find_stop(texts[r].text, stops, before) is not None:
-                        reason = "stop"
-                if tok in eos:
-                    reason = "stop"
-                elif reason is None and t == gen.max_new_tokens - 1:
-                    reason = "length"
-                if reason is not None:
-                    done[r] = True
-                    if texts is not None:
-                        piece += texts[r].flush()
-                yield TokenEvent(r, tok, piece, reason)
-            if all(done):
+                if not ends.done[r]:
+                    yield TokenEvent(r, tok, *ends.push(r, tok))
+            if all(ends.done):
                 return
             logits = self.decode(nxt, positions, layers=self.step_layers(t))
             positions += 1

@@ -31,8 +31,8 @@ import torch
 from ulskip.arguments import integer, number
 from ulskip.kernels.decode_attention import MAX_VERIFY_TOKENS
 from ulskip.runtime.sampling import draw, probabilities
-from ulskip.runtime.text import IncrementalText, find_stop
-from ulskip.schedule import KEEPS_ENDS, trained_schedule, uls_schedule, validate_schedule
+from ulskip.runtime.text import SequenceEnds
+from ulskip.schedule import trained_schedule, uls_schedule
 
 MAX_DRAFT_TOKENS = MAX_VERIFY_TOKENS - 1  # the verify pass holds the last accepted token and the drafts
 
@@ -92,11 +92,8 @@ def draft_layers(num_layers: int, spec: SpeculativeConfig, section: dict | None)
     several-speedups fine-tune's, or a one-speedup fine-tune's kept layers), else the ULS rule. Warns when
     the checkpoint was not trained to skip at that speedup."""
     s = spec.draft_speedup
-    trained_layers = trained_schedule(section, s)
-    if trained_layers is not None:
-        layers = validate_schedule(num_layers, trained_layers,
-                                   require_ends=(section or {}).get("strategy", "paper") in KEEPS_ENDS)
-    else:
+    layers = trained_schedule(section, s, num_layers)
+    if layers is None:
         try:
             layers = uls_schedule(num_layers, s)
         except ValueError:
@@ -249,31 +246,11 @@ def speculative_stream(engine, logits, lengths, gen, spec: SpeculativeConfig, dr
     finish_reason) with the streaming loop's semantics (Engine._host_loop: EOS, stop strings, length). One
     host sync per round; a row a stop string ends is marked finished on the device too."""
     rows = _Rows(engine, logits, lengths, gen, spec, draft)
-    B, max_new, eos = logits.shape[0], gen.max_new_tokens, set(gen.eos_ids)
-    tok = engine.tokenizer
-    texts = [IncrementalText(tok) for _ in range(B)] if tok is not None else None
-    done, count = [False] * B, [0] * B
-
-    def emit(r, t):
-        piece, reason = "", None
-        if texts is not None:
-            before = len(texts[r].text)
-            piece = texts[r].push(t)
-            if stops and find_stop(texts[r].text, stops, before) is not None:
-                reason = "stop"
-        count[r] += 1
-        if t in eos:
-            reason = "stop"
-        elif reason is None and count[r] == max_new:
-            reason = "length"
-        if reason is not None:
-            done[r] = True
-            if texts is not None:
-                piece += texts[r].flush()
-        return r, t, piece, reason
-
+    B = logits.shape[0]
+    ends = SequenceEnds(B, engine.tokenizer, gen.eos_ids, stops, gen.max_new_tokens)
+    done = ends.done
     for r, t in enumerate(rows.first.tolist()):
-        yield emit(r, t)
+        yield (r, t, *ends.push(r, t))
     while not all(done):
         stopped = [r for r in range(B) if done[r]]
         if stopped:  # ended on the host (a stop string): freeze it on the device too
@@ -283,4 +260,4 @@ def speculative_stream(engine, logits, lengths, gen, spec: SpeculativeConfig, dr
             for t in ts[:nr + 1]:
                 if done[r]:
                     break
-                yield emit(r, t)
+                yield (r, t, *ends.push(r, t))

@@ -75,13 +75,43 @@ def find_stop(text: str, stops: list[str], new_from: int) -> int | None:
     return best
 
 
+class SequenceEnds:
+    """Where each sequence of a batch ends, token by token on the host: EOS, a stop string in its text
+    (transformers' stop_strings semantics: the sequence keeps the token that completed it), or max_new
+    tokens; and, with a tokenizer, each token's text piece. The one rule of every host-side loop (plain
+    streaming, speculative streaming, cutting speculative output at a stop string)."""
+
+    def __init__(self, batch: int, tokenizer, eos_ids, stops: list[str], max_new: int):
+        self.texts = [IncrementalText(tokenizer) for _ in range(batch)] if tokenizer is not None else None
+        self.eos, self.stops, self.max_new = set(eos_ids), stops, max_new
+        self.done, self.count = [False] * batch, [0] * batch
+
+    def push(self, row: int, token: int) -> tuple[str, str | None]:
+        """Row `row`'s next token -> (its text piece, the finish reason "stop" / "length" if it ends here)."""
+        piece, reason = "", None
+        if self.texts is not None:
+            text = self.texts[row]
+            before = len(text.text)
+            piece = text.push(token)
+            if self.stops and find_stop(text.text, self.stops, before) is not None:
+                reason = "stop"
+        self.count[row] += 1
+        if token in self.eos:
+            reason = "stop"
+        elif reason is None and self.count[row] == self.max_new:
+            reason = "length"
+        if reason is not None:
+            self.done[row] = True
+            if self.texts is not None:
+                piece += self.texts[row].flush()
+        return piece, reason
+
+
 def cut_at_stop(tokenizer, ids: list[int], stops: list[str]) -> tuple[list[int], bool]:
     """ids up to and including the token whose text completes a stop string (as the streaming loop stops),
     and whether one did: for sequences generated ahead of the check (speculative rounds)."""
-    text = IncrementalText(tokenizer)
+    ends = SequenceEnds(1, tokenizer, [], stops, len(ids))
     for i, t in enumerate(ids):
-        before = len(text.text)
-        text.push(t)
-        if find_stop(text.text, stops, before) is not None:
+        if ends.push(0, t)[1] == "stop":
             return ids[:i + 1], True
     return ids, False
