@@ -63,3 +63,14 @@ def flag(name: str, v) -> bool:
     if not isinstance(u, bool):
         raise ValueError(f"{name} must be True or False, got {v!r}")
     return u
+
+
+def token_ids(name: str, v, what: str = "None, a token id or a list of token ids (integers >= 0)") -> list[int]:
+    """None, one token id, or a list / tuple / set / 1-d array of them -> sorted distinct Python ints >= 0."""
+    if v is None:
+        return []
+    if is_int(v):
+        return [integer(name, v, 0, what=what)]
+    if isinstance(v, (list, tuple, set, frozenset)) or (hasattr(v, "tolist") and getattr(v, "ndim", 0) == 1):
+        return sorted({integer(name, e, 0, what=what) for e in list(v)})
+    raise ValueError(f"{name} must be {what}, got {v!r}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from ulskip.arguments import token_ids
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
@@ -30,11 +32,10 @@ def generation_eos_ids(path: str, vocab_size: int) -> list[int]:
     return check_eos_ids(eos, vocab_size, f"{f}: eos_token_id")
 
 
-def check_eos_ids(eos, vocab_size: int, what: str) -> list[int]:
-    """None, an id or a list of ids -> a sorted list of distinct ids in [0, vocab_size)."""
-    if eos is None:
-        return []
-    ids = eos if isinstance(eos, (list, tuple)) else [eos]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
-        raise ValueError(f"{what} must be a token id or a list of token ids in [0, {vocab_size}), got {eos!r}")
-    return sorted(set(ids))
+def check_eos_ids(eos, vocab_size: int, name: str) -> list[int]:
+    """None, an id or a list of ids -> a sorted list of distinct ids in [0, vocab_size) (arguments.token_ids)."""
+    what = f"a token id or a list of token ids in [0, {vocab_size})"
+    ids = token_ids(name, eos, what)
+    if any(i >= vocab_size for i in ids):
+        raise ValueError(f"{name} must be {what}, got {eos!r}")
+    return ids

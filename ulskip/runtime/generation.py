@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ulskip.arguments import flag, integer, is_int, number
+from ulskip.arguments import flag, integer, number, token_ids
 
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed takes
 
@@ -54,16 +54,7 @@ class GenerationConfig:
                                          what="a finite number > 0 (1.0 = off)")
         self.no_repeat_ngram_size = integer("no_repeat_ngram_size", self.no_repeat_ngram_size, 0,
                                             what="an integer >= 0 (0 = off)")
-        eos = self.eos_token_id
-        what = "None, a token id or a list of token ids (integers >= 0)"
-        if eos is None:
-            self.eos_ids = []
-        elif is_int(eos):
-            self.eos_ids = [integer("eos_token_id", eos, 0, what=what)]
-        elif isinstance(eos, (list, tuple, set, frozenset)) or (hasattr(eos, "tolist") and getattr(eos, "ndim", 0) == 1):
-            self.eos_ids = sorted({integer("eos_token_id", e, 0, what=what) for e in list(eos)})
-        else:
-            raise ValueError(f"eos_token_id must be {what}, got {eos!r}")
+        self.eos_ids = token_ids("eos_token_id", self.eos_token_id)
 
     def check_vocab(self, vocab_size: int) -> None:
         bad = [e for e in self.eos_ids if e >= vocab_size]
