@@ -27,6 +27,7 @@ def ckpt(tmp_path_factory):
     (["--port", "70000"], "--port must be in [1, 65535]"),
     (["--max-batch-size", "0"], "--max-batch-size"),
     (["--max-queue", "0"], "--max-queue"),
+    (["--prefill-chunk", "0"], "--prefill-chunk"),
     (["--max-seq-len", "1"], "--max-seq-len"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
     (["--dtype", "int8"], "--dtype"),

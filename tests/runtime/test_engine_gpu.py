@@ -154,18 +154,19 @@ def test_decode_runs_the_fused_projections(path, monkeypatch):
     assert seen == want, (seen, want)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_continuous_batching_on_the_gpu(path, dtype):
-    """Rows joining and leaving a running batch of CUDA-graph decode steps: each request's tokens equal
-    generate() alone on the same engine (fp32 exactly; bf16 on at least 90% of tokens, where a batch
-    bucket's different kernel can flip a near-tie)."""
+@pytest.mark.parametrize("dtype,chunk", [("fp32", 512), ("bf16", 512), ("fp32", 6), ("bf16", 6)])
+def test_continuous_batching_on_the_gpu(path, dtype, chunk):
+    """Rows joining and leaving a running batch of CUDA-graph decode steps, waiting prompts sharing one
+    prompt-pass graph into their rows, and (chunk 6) prompts longer than the chunk in pieces between decode
+    steps: each request's tokens equal generate() alone on the same engine (fp32 exactly; bf16 on at least
+    90% of tokens, where a batch bucket's different kernel can flip a near-tie)."""
     from ulskip.runtime.scheduler import Scheduler
     eng = Engine.from_pretrained(path, target_speedup=2, device="cuda", dtype=dtype, max_seq_len=128,
                                  max_batch_size=4)
     prompts = [[3 + i, 17, 33 + 2 * i][:1 + i % 3] + list(range(5, 5 + 3 * i)) for i in range(9)]
     lengths = [12, 5, 9, 14, 3, 8, 11, 6, 10]
     outs = []
-    sched = Scheduler(eng)
+    sched = Scheduler(eng, prefill_chunk=chunk)
     for p, n in zip(prompts, lengths):
         got = []
         sched.request(p, lambda ev, got=got: got.extend(ev.token_ids), max_new_tokens=n, eos_token_id=[])

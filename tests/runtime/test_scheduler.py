@@ -71,6 +71,69 @@ def test_requests_arriving_mid_run(eng):
         assert got["tokens"] == eng.generate([p], max_new_tokens=9, eos_token_id=eng.tokenizer.eos_token_id).sequences[0]
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_long_prompts_in_chunks_between_decode_steps(eng, chunk):
+    """Prompts longer than prefill_chunk run a chunk per step while the other rows keep decoding: every
+    request still gets what generate gives it alone, and a running request gains one token per step."""
+    sched = Scheduler(eng, prefill_chunk=chunk)
+    rng = random.Random(chunk)
+    short, emit = collect()
+    sched.request([5, 9, 11], emit, max_new_tokens=30, eos_token_id=[])
+    while not short["tokens"]:
+        sched.step()
+    reqs = [([5, 9, 11], 30, short)]
+    for n in (17, 3, 12, 9, 15, 1):
+        p = [rng.randrange(4, eng.cfg.vocab_size) for _ in range(n)]
+        got, emit = collect()
+        sched.request(p, emit, max_new_tokens=8, eos_token_id=[])
+        reqs.append((p, 8, got))
+    have, chunked = len(short["tokens"]), set()
+    for i in range(1, 10):  # the first request decodes on every step, chunks or not
+        sched.step()
+        assert len(short["tokens"]) == have + i
+        chunked.add(sched.chunking.id if sched.chunking is not None else None)
+    while sched.step():
+        chunked.add(sched.chunking.id if sched.chunking is not None else None)
+    assert len(chunked - {None}) == {1: 5, 5: 4, 16: 1}[chunk]  # the prompts longer than the chunk
+
+    for p, n, got in reqs:
+        assert got["tokens"] == eng.generate([p], max_new_tokens=n).sequences[0]
+
+
+def test_waiting_prompts_share_one_pass(eng, monkeypatch):
+    passes = []
+    real = eng.prefill_rows
+    monkeypatch.setattr(eng, "prefill_rows", lambda ps, rows: passes.append(list(rows)) or real(ps, rows))
+    sched = Scheduler(eng, prefill_chunk=24)
+    ps = prompts(6, eng.cfg.vocab_size, seed=5)
+    ps = [p[:6] + [7] * (6 - len(p)) for p in ps]  # 6 prompts of 6 tokens, 4 rows, 24 tokens a step
+    outs = []
+    for p in ps:
+        got, emit = collect()
+        sched.request(p, emit, max_new_tokens=3, eos_token_id=[])
+        outs.append((p, got))
+    run(sched)
+    assert passes[0] == [0, 1, 2, 3]  # four prompts, one pass; the rest as rows free up
+    assert sum(len(rows) for rows in passes) == 6 and len(passes) <= 3
+    for p, got in outs:
+        assert got["tokens"] == eng.generate([p], max_new_tokens=3).sequences[0]
+
+
+def test_cancel_during_a_chunked_prompt(eng):
+    sched = Scheduler(eng, prefill_chunk=4)
+    long_, emit = collect()
+    req = sched.request(list(range(5, 25)), emit, max_new_tokens=4, eos_token_id=[])
+    sched.step()
+    assert sched.chunking is req and req.prefilled == 4
+    sched.cancel(req)
+    after, emit = collect()
+    p = list(range(30, 43))
+    sched.request(p, emit, max_new_tokens=5, eos_token_id=[])
+    run(sched)
+    assert long_["reason"] == "cancelled" and long_["tokens"] == []
+    assert after["tokens"] == eng.generate([p], max_new_tokens=5).sequences[0] and sched.chunking is None
+
+
 def test_per_request_sampling_parameters(eng):
     sched = Scheduler(eng)
     ps = prompts(4, eng.cfg.vocab_size, seed=4)
@@ -207,6 +270,9 @@ def test_bad_requests(eng, kwargs, match):
 def test_refusals(eng, tmp_path):
     with pytest.raises(ValueError, match="max_queue must be a positive integer"):
         Scheduler(eng, max_queue=0)
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match=r"prefill_chunk must be a positive integer \(prompt tokens per step\)"):
+            Scheduler(eng, prefill_chunk=bad)
     path = make_checkpoint(tmp_path / "sd", "llama", num_layers=6)
     sd = Engine.from_pretrained(path, target_speedup=2, strategy="skipdecode", device="cpu")
     with pytest.raises(ValueError, match="SkipDecode"):

@@ -18,7 +18,6 @@ import asyncio
 import json
 import random
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -91,6 +90,7 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default: 4 x concurrency, >= 8)")
     ap.add_argument("--prompt-len", default="32:256", help="prompt tokens, uniform in LO:HI")
     ap.add_argument("--output-len", default="32:128", help="new tokens per request, uniform in LO:HI")
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per scheduler step (ulskip serve's)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -125,7 +125,7 @@ def main(argv=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = build_app(eng, "bench", max_queue=4096)
+    app = build_app(eng, "bench", max_queue=4096, prefill_chunk=args.prefill_chunk)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
@@ -163,7 +163,7 @@ def main(argv=None):
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     head = (f"{args.model} ({note}) | {dev} | {str(dtype)[6:]} | ULS {args.target_speedup:g}x: "
             f"{len(eng.kept_layers)}/{eng.num_layers} layers | prompt {plo}-{phi} + {olo}-{ohi} new | "
-            f"{args.max_batch_size} rows")
+            f"{args.max_batch_size} rows | prefill chunk {args.prefill_chunk}")
     print(head)
     print("conc  reqs  lost  cut   tok/s  static tok/s (bs)  TTFT p50/p99 ms  ITL p50/p99 ms  tok/step")
     for r in rows:

@@ -26,6 +26,9 @@ def add_arguments(p):
                    help="context per sequence, prompt + new tokens (default: the model's, at most 2048)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a row; more get HTTP 429, >= 1 (default %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens run between two decode steps, >= 1: waiting prompts that fit share one pass, "
+                        "a longer prompt runs in chunks of this size (default %(default)s)")
     p.add_argument("--dtype", default=None,
                    help="fp32, fp16 or bf16 (default: the checkpoint's dtype on a GPU, fp32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -43,6 +46,7 @@ def check_args(args) -> str:
     if args.max_seq_len is not None:
         check_min("--max-seq-len", args.max_seq_len, 2)
     check_min("--max-queue", args.max_queue, 1)
+    check_min("--prefill-chunk", args.prefill_chunk, 1)
     require(args.shutdown_timeout >= 0, "--shutdown-timeout", ">= 0 seconds", args.shutdown_timeout)
     from ulskip.runtime.engine import DTYPES
     check_choice("--dtype", args.dtype, list(DTYPES))
@@ -63,7 +67,8 @@ def run(args) -> int:
                                  max_seq_len=args.max_seq_len, **schedule_kwargs(args))
     if eng.tokenizer is None:
         print("note: the checkpoint has no tokenizer: only token-id prompts on /v1/completions will work")
-    app = build_app(eng, name, max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
+    app = build_app(eng, name, max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout,
+                    prefill_chunk=args.prefill_chunk)
     print(f"serving {name!r}: {len(eng.kept_layers)} of {eng.num_layers} layers (prefill={eng.prefill_mode}), "
           f"{eng.max_batch_size} rows x {eng.max_seq_len} tokens, {eng.device}, {str(eng.dtype)[6:]}; "
           f"http://{args.host}:{args.port}/v1")

@@ -42,7 +42,8 @@ class Step:
     sin: torch.Tensor | None = None
     slopes: torch.Tensor | None = None      # [Hq] ALiBi slopes (Bloom)
     seq_lens: torch.Tensor | None = None    # decode: [B] keys visible to the last new token (position + 1)
-    cache_row: int = 0                      # the batch rows are cache rows cache_row..cache_row+B-1
+    past: int = 0                           # prompt pass: tokens already in the cache before these (a later
+                                            # chunk of a chunked prompt pass attends over them too)
 
 
 def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: bool = True) -> torch.Tensor:
@@ -50,7 +51,7 @@ def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: 
     writes its k/v into the compact cache; decode attends over the cache, the prompt pass over its own
     keys. -> [B, T, Hq*D]"""
     B, T, Hq, D = q.shape
-    kv = step.cache.layer(layer, B, step.cache_row) if step.cache is not None else None
+    kv = step.cache.layer(layer, B) if step.cache is not None else None
     if step.decode:  # one fused kernel rotates q and k and writes k, v into the cache
         q = ops.rotary_cache_write(q, k, v, step.cos, step.sin, kv[0], kv[1], step.positions, rotary=rope)
         if T == 1:
@@ -61,6 +62,9 @@ def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: 
         q, k = ops.rotary(q, step.cos, step.sin), ops.rotary(k, step.cos, step.sin)
     if kv is not None:
         ops.cache_write(kv[0], kv[1], k, v, step.positions)
+    if step.past:
+        end = step.past + T
+        return chunk_attention(q, kv[0][:, :, :end], kv[1][:, :, :end], step.past, scale, slopes).reshape(B, T, Hq * D)
     return prefill_attention(q, k, v, scale, slopes).reshape(B, T, Hq * D)
 
 
@@ -80,6 +84,25 @@ def prefill_attention(q, k, v, scale, slopes=None):
         bias = bias.masked_fill(j.view(1, 1, T) > j.view(1, T, 1), float("-inf")).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
     return out.transpose(1, 2)
+
+
+def chunk_attention(q, k_cache, v_cache, past: int, scale, slopes=None):
+    """A later chunk of a prompt: q [B, T, Hq, D] at positions past..past+T-1 over the cached keys
+    [B, Hkv, past+T, D] of the whole sequence so far (its own written first), causal with that offset.
+    SDPA with an explicit mask: its is_causal aligns the mask top-left, which is wrong for T < keys."""
+    q = q.transpose(1, 2)
+    if k_cache.shape[1] != q.shape[1]:
+        k_cache = k_cache.repeat_interleave(q.shape[1] // k_cache.shape[1], dim=1)
+        v_cache = v_cache.repeat_interleave(q.shape[1] // v_cache.shape[1], dim=1)
+    T, S = q.shape[2], k_cache.shape[2]
+    j = torch.arange(S, device=q.device)
+    visible = j.view(1, S) <= past + torch.arange(T, device=q.device).view(T, 1)
+    if slopes is None:
+        mask = visible
+    else:  # ALiBi: the prompt pass's bias slope_h * j over absolute key positions
+        mask = (slopes.to(q.device).view(-1, 1, 1) * j.view(1, 1, S).float()).masked_fill(~visible, float("-inf"))
+        mask = mask.to(q.dtype).unsqueeze(0)
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=scale).transpose(1, 2)
 
 
 class DecoderLM(nn.Module):

@@ -29,11 +29,11 @@ class CompactKVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def layer(self, layer: int, batch: int, start: int = 0):
-        """(k, v) views [batch, Hkv, S, D] of one kept layer (cache rows start..start+batch-1), or None for
-        a layer that is not cached."""
+    def layer(self, layer: int, batch: int):
+        """(k, v) views [batch, Hkv, S, D] of one kept layer (cache rows 0..batch-1), or None for a layer
+        that is not cached."""
         i = self.slot.get(layer)
-        return None if i is None else (self.k[i, start:start + batch], self.v[i, start:start + batch])
+        return None if i is None else (self.k[i, :batch], self.v[i, :batch])
 
     def reorder_(self, index: torch.Tensor, length: int) -> None:
         """Beam search: row b of the cache becomes old row index[b] (rows 0..len(index)-1); only the
@@ -41,3 +41,50 @@ class CompactKVCache:
         n = index.numel()
         self.k[:, :n, :, :length] = self.k[:, index, :, :length]
         self.v[:, :n, :, :length] = self.v[:, index, :, :length]
+
+    @classmethod
+    def over(cls, kept_layers, k: torch.Tensor, v: torch.Tensor) -> "CompactKVCache":
+        """A cache over given K/V tensors [L, B, Hkv, S, D] (a view of a staging buffer), allocating nothing."""
+        cache = cls.__new__(cls)
+        cache.kept_layers = list(kept_layers)
+        cache.slot = {layer: i for i, layer in enumerate(cache.kept_layers)}
+        cache.k, cache.v = k, v
+        return cache
+
+
+class StagingCache:
+    """Where prompt passes into chosen rows of a running batch write first (continuous batching): a pass of
+    b prompts padded to t tokens writes a contiguous [L, b, Hkv, t, D] view of one flat buffer of `capacity`
+    tokens per layer, then each prompt's K/V is copied into its own row of the compact cache. The pass
+    itself (and its CUDA graph) always writes rows from 0, so it cannot write the batch's rows directly;
+    one flat buffer holds any pass shape of up to `capacity` tokens in the memory of one cache row."""
+
+    def __init__(self, kept_layers, capacity: int, num_kv_heads: int, head_dim: int, dtype, device):
+        self.kept_layers, self.capacity = list(kept_layers), capacity
+        self.width = num_kv_heads * head_dim
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.k = torch.zeros(len(self.kept_layers), capacity * self.width, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def view(self, b: int, t: int) -> CompactKVCache:
+        if b * t > self.capacity:
+            raise ValueError(f"a prompt pass of {b} x {t} tokens exceeds the staging buffer ({self.capacity} tokens)")
+        shape = (len(self.kept_layers), b, self.num_kv_heads, t, self.head_dim)
+        n = b * t * self.width
+        return CompactKVCache.over(self.kept_layers, self.k[:, :n].view(shape), self.v[:, :n].view(shape))
+
+
+class SequenceCache:
+    """One sequence's K/V at every prompt-pass layer, for a prompt pass in chunks (Engine.prefill_chunk):
+    the kept layers' in its row of the compact cache (decode steps read them there), the skipped layers'
+    (prefill "full") in a one-row scratch cache, because a later chunk attends over the earlier chunks at
+    every layer it runs. Looks like a one-row cache to the model."""
+
+    def __init__(self, cache: CompactKVCache, row: int, scratch: CompactKVCache | None):
+        self.cache, self.row, self.scratch = cache, row, scratch
+
+    def layer(self, layer: int, batch: int = 1):
+        i = self.cache.slot.get(layer)
+        if i is not None:
+            return self.cache.k[i, self.row:self.row + 1], self.cache.v[i, self.row:self.row + 1]
+        return None if self.scratch is None else self.scratch.layer(layer, 1)

@@ -21,9 +21,9 @@ from ulskip.loading.config import check_config, from_hf, load_config
 from ulskip.loading.tokenizer import check_eos_ids, generation_eos_ids, load_tokenizer
 from ulskip.models.base import Step
 from ulskip.runtime.beam import beam_search
-from ulskip.runtime.cache import CompactKVCache
+from ulskip.runtime.cache import CompactKVCache, SequenceCache, StagingCache
 from ulskip.runtime.generation import GenerationConfig
-from ulskip.runtime.graphs import DecodeGraphs, PrefillGraphs
+from ulskip.runtime.graphs import PREFILL_GRAPH_TOKENS, DecodeGraphs, PrefillGraphs, prefill_bucket
 from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
 from ulskip.runtime.speculative import check_speculative, draft_layers, speculative_decode, speculative_stream
@@ -148,14 +148,17 @@ class Engine:
         self.graphs = DecodeGraphs(self._decode_eager, max_batch_size, max_seq_len, self.device) if graphs else None
         self.prefill_graphs = PrefillGraphs(self._prefill_eager, max_batch_size, max_seq_len, self.device) \
             if graphs else None
-        # prefill_row (continuous batching): the prompt-pass graphs write rows from 0, where other sequences
-        # live, so a one-row pass replays its own graphs into a one-row staging cache, then copies the
-        # prompt's K/V into the request's row (one strided copy per K and V)
-        self.staging = None
-        if graphs:
-            self.staging = CompactKVCache(self.kept_layers, 1, cfg.num_kv_heads, max_seq_len, cfg.head_dim,
-                                          self.dtype, self.device)
-            self.row_prefill_graphs = PrefillGraphs(self._prefill_staging, 1, max_seq_len, self.device)
+        # prefill_rows (continuous batching): the prompt-pass graphs write rows from 0, where other sequences
+        # live, so passes into chosen rows write a staging buffer (through their own graphs on a GPU), then
+        # each prompt's K/V is copied into its row (one strided copy per K and V); at most max_seq_len
+        # tokens per pass (or a graph bucket's), about the memory of one cache row
+        self.staging = StagingCache(self.kept_layers, max(max_seq_len, PREFILL_GRAPH_TOKENS), cfg.num_kv_heads,
+                                    cfg.head_dim, self.dtype, self.device)
+        self.row_prefill_graphs = PrefillGraphs(self._prefill_staging, max_batch_size, max_seq_len, self.device) \
+            if graphs else None
+        # prefill_chunk: the skipped layers' K/V of a chunked prompt's earlier chunks (prefill "full"),
+        # allocated on first use; one chunked prompt at a time (_chunk_row)
+        self._chunk_scratch, self._chunk_row = None, None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -223,32 +226,83 @@ class Engine:
             return self.prefill_graphs(tokens, lengths)
         return self._prefill_eager(tokens, lengths)
 
-    def _prefill_eager(self, tokens: torch.Tensor, lengths: torch.Tensor, cache_row: int = 0, cache=None) -> torch.Tensor:
+    def _prefill_eager(self, tokens: torch.Tensor, lengths: torch.Tensor, cache=None) -> torch.Tensor:
         B, T = tokens.shape
         positions = torch.arange(T, device=self.device).expand(B, T)
-        step = Step(positions=positions, cache=self.cache if cache is None else cache, decode=False,
-                    cache_row=cache_row)
+        step = Step(positions=positions, cache=self.cache if cache is None else cache, decode=False)
         return self.model(tokens, step, self.prefill_layers, last_index=lengths - 1)
 
     def _prefill_staging(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self._prefill_eager(tokens, lengths, cache=self.staging)
+        return self._prefill_eager(tokens, lengths, cache=self.staging.view(*tokens.shape))
+
+    def prefill_rows_cost(self, n: int, length: int) -> int:
+        """Prompt tokens a prefill_rows pass of n prompts of up to `length` tokens computes: its graph's
+        padded shape where one runs it, n x length otherwise (the scheduler's per-step budget counts these)."""
+        if self.row_prefill_graphs is not None:
+            key = prefill_bucket(n, length, self.max_batch_size, self.max_seq_len)
+            if key is not None:
+                return key[0] * key[1]
+        return n * length
 
     @torch.inference_mode()
-    def prefill_row(self, prompt: list[int], row: int) -> torch.Tensor:
-        """The prompt pass of one sequence into cache row `row` (continuous batching: the other rows keep
-        their sequences) -> fp32 logits [1, V] of its last token. On a GPU through a captured graph into the
-        staging row, copied into `row`, where it fits the graphs' bucket limit; eagerly into `row` otherwise."""
+    def prefill_rows(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """The prompt passes of several sequences in one pass, into cache rows `rows` (continuous batching:
+        the other rows keep their sequences) -> fp32 logits [n, V] of each prompt's last token. The pass
+        writes the staging buffer (a captured graph on a GPU where the padded pass fits a bucket), then each
+        prompt's K/V is copied into its row. At most max_seq_len tokens (n x the longest prompt)."""
+        if len(prompts) != len(rows) or not prompts:
+            raise ValueError(f"prefill_rows takes one row per prompt, got {len(prompts)} prompts, {len(rows)} rows")
+        if len(set(rows)) != len(rows) or not all(0 <= r < self.max_batch_size for r in rows):
+            raise ValueError(f"cache rows must be distinct, in [0, {self.max_batch_size}), got {rows}")
+        n, T = len(prompts), max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) < 1 or n * T > self.staging.capacity:
+            raise ValueError(f"prefill_rows takes non-empty prompts of at most {self.staging.capacity} tokens "
+                             f"in all (n x the longest), got {n} x {T}")
+        tokens = torch.zeros(n, T, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p)
+        tokens = tokens.to(self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        if self.row_prefill_graphs is not None and self.row_prefill_graphs.fits(n, T):
+            logits = self.row_prefill_graphs(tokens, lengths)
+            staged = self.staging.view(*prefill_bucket(n, T, self.max_batch_size, self.max_seq_len))
+        else:
+            logits = self._prefill_staging(tokens, lengths)
+            staged = self.staging.view(n, T)
+        for i, (p, row) in enumerate(zip(prompts, rows)):
+            self.cache.k[:, row, :, :len(p)].copy_(staged.k[:, i, :, :len(p)])
+            self.cache.v[:, row, :, :len(p)].copy_(staged.v[:, i, :, :len(p)])
+        return logits
+
+    @torch.inference_mode()
+    def prefill_chunk(self, tokens: list[int], row: int, start: int) -> torch.Tensor:
+        """One chunk of a prompt pass in pieces: tokens at positions start..start+len-1 of cache row `row`,
+        attending over the chunks before it -> fp32 logits [1, V] of its last token. Call it for start = 0,
+        then for each next chunk in order; one chunked prompt at a time (a prefill "full" engine keeps the
+        skipped layers' K/V of the earlier chunks in one scratch row). Eager: a chunk is long enough for its
+        GEMMs to outweigh the launches. Continuous batching runs long prompts this way, a chunk per step
+        between decode steps, so running sequences are not stalled by a whole long prompt pass."""
         if not 0 <= row < self.max_batch_size:
             raise ValueError(f"cache row {row} outside [0, {self.max_batch_size})")
-        T = len(prompt)
-        tokens = torch.tensor([prompt], device=self.device)
-        lengths = torch.tensor([T], device=self.device)
-        if self.staging is not None and self.row_prefill_graphs.fits(1, T):
-            logits = self.row_prefill_graphs(tokens, lengths)
-            self.cache.k[:, row, :, :T].copy_(self.staging.k[:, 0, :, :T])
-            self.cache.v[:, row, :, :T].copy_(self.staging.v[:, 0, :, :T])
-            return logits
-        return self._prefill_eager(tokens, lengths, cache_row=row)
+        if not tokens or not 0 <= start or start + len(tokens) > self.max_seq_len:
+            raise ValueError(f"a chunk of {len(tokens)} tokens at position {start} does not fit "
+                             f"max_seq_len={self.max_seq_len} (chunks must be non-empty)")
+        if start == 0:
+            self._chunk_row = row
+        elif self._chunk_row != row:
+            raise ValueError(f"row {row}'s chunk at position {start} does not continue a chunked prompt pass "
+                             f"(the one in progress is row {self._chunk_row}); start it at position 0")
+        skipped = [i for i in self.prefill_layers if i not in self.cache.slot]
+        if skipped and self._chunk_scratch is None:
+            cfg = self.cfg
+            self._chunk_scratch = CompactKVCache(skipped, 1, cfg.num_kv_heads, self.max_seq_len, cfg.head_dim,
+                                                 self.dtype, self.device)
+        T = len(tokens)
+        step = Step(positions=torch.arange(start, start + T, device=self.device).unsqueeze(0),
+                    cache=SequenceCache(self.cache, row, self._chunk_scratch), decode=False, past=start)
+        logits = self.model(torch.tensor([tokens], device=self.device), step, self.prefill_layers,
+                            last_index=torch.tensor([T - 1], device=self.device))
+        return logits
 
     def step_layers(self, j: int) -> tuple[int, ...]:
         """The layers response token j (0 = the first generated token, the first decode step's input) runs."""

@@ -3,9 +3,14 @@
 Every sequence runs the same kept layers, so a sequence joining or leaving never changes the decode
 program: each request holds one row of the engine's static compact cache with its own position, the
 decode step runs rows 0..n-1 (n = the highest busy row + 1, rounded up to a captured batch bucket), and
-a free row's lane computes nothing anyone reads. A new request's prompt pass runs between two decode
-steps, into its row only (Engine.prefill_row). Admission is first come, first served, into the lowest
-free row (which keeps n small); the queue is bounded.
+a free row's lane computes nothing anyone reads. Admission is first come, first served, into the lowest
+free rows (which keeps n small); the queue is bounded.
+
+Prompt passes run between two decode steps, at most `prefill_chunk` prompt tokens per step (vLLM's
+max_num_batched_tokens, SGLang's chunked prefill size), so the running sequences wait for at most one
+such pass per token: waiting prompts that fit the budget together share one pass (Engine.prefill_rows),
+and a prompt longer than the budget runs a chunk per step (Engine.prefill_chunk), one such prompt at a
+time, while the others keep decoding.
 
 The scheduler owns its engine: one thread (`start()`, or a caller of `step()`) drives it, and nothing else
 may run the engine meanwhile. Requests are submitted from any thread; their tokens come back through
@@ -60,6 +65,7 @@ class Request:
     # state, owned by the scheduler's thread
     row: int | None = None
     position: int = 0                 # where the next token's K/V goes (= tokens in the cache)
+    prefilled: int = 0                # prompt tokens in the cache (a chunked prompt pass's progress)
     last: int = 0                     # the newest token, the next decode step's input
     tokens: list[int] = field(default_factory=list)
     text: IncrementalText | None = None
@@ -84,13 +90,18 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 class Scheduler:
-    def __init__(self, engine, max_queue: int = 256):
+    def __init__(self, engine, max_queue: int = 256, prefill_chunk: int = 512):
         if engine.skipdecode is not None:
             raise ValueError("continuous batching needs one layer set for every sequence; SkipDecode's depth "
                              "depends on each sequence's step (serve a static schedule)")
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive integer (prompt tokens per step), got {prefill_chunk!r}")
         self.engine, self.max_queue = engine, max_queue
+        # prompt tokens per step; a pass never exceeds the engine's staging buffer (max_seq_len tokens)
+        self.prefill_chunk = min(prefill_chunk, engine.staging.capacity)
+        self.chunking: Request | None = None  # the long prompt whose pass runs a chunk per step
         self.rows: list[Request | None] = [None] * engine.max_batch_size
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
@@ -184,28 +195,61 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """One round: free cancelled rows, admit waiting requests into free rows (their prompt passes),
-        then one decode step for every busy row. Returns whether any request is still running or waiting."""
+        """One round: free cancelled rows; prompt work of at most prefill_chunk tokens (the next chunk of
+        the long prompt in progress, then waiting prompts that fit what is left, in one pass, or the first
+        chunk of the next long one); then one decode step for every row whose prompt is in. Returns whether
+        any request is still running or waiting."""
         with self.cond:
             self._drop_cancelled()
-            admit = []
-            while self.waiting and None in self.rows:
-                req = self.waiting.popleft()
-                req.row = self.rows.index(None)
-                self.rows[req.row] = req
-                admit.append(req)
-        for req in admit:
-            self._admit(req)
+            budget, chunk = self.prefill_chunk, None
+            if self.chunking is not None:
+                chunk = (self.chunking, min(budget, len(self.chunking.prompt) - self.chunking.prefilled))
+                budget -= chunk[1]
+            batch, first = self._admissions(budget)
+        if chunk is not None:
+            self._chunk(*chunk)
+        if batch:
+            self._admit(batch)
+        if first is not None:
+            self._chunk(*first)
         busy = [r for r in self.rows if r is not None]
-        if busy:
+        if any(r.prefilled == len(r.prompt) for r in busy):
             self._decode(busy)
         with self.cond:
             return bool(self.waiting) or any(self.rows)
+
+    def _admissions(self, budget: int):
+        """Under the lock: move waiting requests into the lowest free rows, first come first served, within
+        `budget` prompt tokens -> (the prompts that share one pass, and (request, tokens) of the first
+        chunk of a long prompt, or None). A prompt longer than prefill_chunk starts a chunked pass when no
+        other is in progress; those behind it wait their turn."""
+        batch, first = [], None
+        while self.waiting and None in self.rows:
+            req, cost = self.waiting[0], 0
+            if batch:
+                cost = self.engine.prefill_rows_cost(len(batch), max(len(r.prompt) for r in batch))
+            if len(req.prompt) > self.prefill_chunk:
+                if self.chunking is not None or cost >= budget:
+                    break
+                self.chunking, first = req, (req, budget - cost)
+            else:
+                longest = max([len(req.prompt)] + [len(r.prompt) for r in batch])
+                if (self.engine.prefill_rows_cost(len(batch) + 1, longest) if batch else len(req.prompt)) > budget:
+                    break
+                batch.append(req)
+            self.waiting.popleft()
+            req.row = self.rows.index(None)
+            self.rows[req.row] = req
+            if first is not None:
+                break
+        return batch, first
 
     def _drop_cancelled(self) -> None:
         for i, r in enumerate(self.rows):
             if r is not None and r.cancelled:
                 self.rows[i] = None
+                if r is self.chunking:
+                    self.chunking = None
                 self._finish(r, "cancelled")
         kept = [r for r in self.waiting if not r.cancelled]
         for r in self.waiting:
@@ -213,37 +257,60 @@ class Scheduler:
                 self._finish(r, "cancelled")
         self.waiting = collections.deque(kept)
 
-    def _admit(self, req: Request) -> None:
+    def _begin(self, req: Request) -> None:
+        """A request whose prompt is in the cache: its sampler, penalty history and text decoder."""
         e = self.engine
+        if req.gen.do_sample and req.gen.seed is not None:
+            req.rng = torch.Generator(device=e.device).manual_seed(req.gen.seed)
+        if req.gen.penalized:
+            req.history = TokenHistory(torch.tensor([req.prompt], device=e.device),
+                                       torch.tensor([len(req.prompt)], device=e.device), req.gen.max_new_tokens)
+        if e.tokenizer is not None:
+            req.text = IncrementalText(e.tokenizer)
+        req.prefilled = req.position = len(req.prompt)
+
+    def _admit(self, reqs: list[Request]) -> None:
+        """Whole prompts, one pass into their rows, then each one's first token."""
         try:
-            logits = e.prefill_row(req.prompt, req.row)
-            if req.gen.do_sample and req.gen.seed is not None:
-                req.rng = torch.Generator(device=e.device).manual_seed(req.gen.seed)
-            if req.gen.penalized:
-                req.history = TokenHistory(torch.tensor([req.prompt], device=e.device),
-                                           torch.tensor([len(req.prompt)], device=e.device), req.gen.max_new_tokens)
-            if e.tokenizer is not None:
-                req.text = IncrementalText(e.tokenizer)
-            req.position = len(req.prompt)
-            self._pick([req], logits, {req.row: 0})
-        except Exception as exc:  # one request's failure must not take the others down
+            logits = self.engine.prefill_rows([r.prompt for r in reqs], [r.row for r in reqs])
+            for r in reqs:
+                self._begin(r)
+            self._pick(reqs, logits, {r.row: i for i, r in enumerate(reqs)})
+        except Exception as exc:  # one pass's failure must not take the running requests down
+            self._fail(reqs, exc)
+
+    def _chunk(self, req: Request, n: int) -> None:
+        """The next n tokens of a long prompt's pass; after its last chunk, its first token."""
+        try:
+            p = req.prefilled
+            logits = self.engine.prefill_chunk(req.prompt[p:p + n], req.row, p)
+            req.prefilled += n
+            if req.prefilled == len(req.prompt):
+                self.chunking = None
+                self._begin(req)
+                self._pick([req], logits, {req.row: 0})
+        except Exception as exc:
             self._fail([req], exc)
 
     def _decode(self, busy: list[Request]) -> None:
+        """One decode step of the rows whose prompt is in. A row still in its chunked prompt pass runs a lane
+        too (the step covers rows 0..n-1, and a bucket's padding rows write position 0): it decodes at its
+        next prompt position, which its next chunk overwrites before anything reads it."""
         e = self.engine
         n = max(r.row for r in busy) + 1
         tokens = [0] * n
         positions = [0] * n  # a free row below n decodes token 0 at its position 0: nothing reads it
+        ready = [r for r in busy if r.prefilled == len(r.prompt)]
         for r in busy:
-            tokens[r.row], positions[r.row] = r.last, r.position
+            tokens[r.row], positions[r.row] = (r.last, r.position) if r in ready else (0, r.prefilled)
         try:
             logits = e.decode(torch.tensor(tokens, device=e.device), torch.tensor(positions, device=e.device))
             self.steps += 1
-            for r in busy:
+            for r in ready:
                 r.position += 1
-            self._pick(busy, logits, {r.row: r.row for r in busy})
+            self._pick(ready, logits, {r.row: r.row for r in ready})
         except Exception as exc:
-            self._fail(busy, exc)
+            self._fail(ready, exc)
 
     def _pick(self, reqs: list[Request], logits: torch.Tensor, where: dict[int, int]) -> None:
         """Each request's next token from its logits row (penalties, then greedy or its own sampler)."""
@@ -319,5 +386,7 @@ class Scheduler:
     def _fail(self, reqs: list[Request], exc: Exception) -> None:
         msg = f"{type(exc).__name__}: {exc}"
         for r in reqs:
+            if r is self.chunking:
+                self.chunking = None
             self._free(r)
             self._finish(r, "error", msg)

@@ -38,9 +38,9 @@ def _error(status, message, param=None, kind="invalid_request_error"):
 
 
 def build_app(engine, model_name: str, max_queue: int = 256, shutdown_timeout: float = 30.0,
-              start: bool = True) -> FastAPI:
+              start: bool = True, prefill_chunk: int = 512) -> FastAPI:
     """start=False leaves the scheduler stopped (requests queue and nothing runs: tests of a full queue)."""
-    scheduler = Scheduler(engine, max_queue=max_queue)
+    scheduler = Scheduler(engine, max_queue=max_queue, prefill_chunk=prefill_chunk)
     tok = engine.tokenizer
 
     @asynccontextmanager
