@@ -11,7 +11,9 @@
 # spec7b = the cost of a self-speculative round on llama-2-7b (random weights; SPEC_ACCEPT=a specreal json
 # projects speedups at its acceptance), specreal = acceptance and speed on a real checkpoint (SPEC_CKPT,
 # SPEC_DATA = its test.jsonl), study = quality-study steps (STUDY_MODEL, STUDY_DATA, STUDY_OUT, STUDY_STEPS,
-# STUDY_ARGS: see ulskip/bench/quality.py))
+# STUDY_ARGS: see ulskip/bench/quality.py); deepspeed = the same `ulskip train` fine-tune plain, ZeRO-2 and
+# ZeRO-3 on one GPU (ulskip/bench/deepspeed_compare.py; ZERO_MODEL, ZERO_DATA = a train.jsonl, ZERO_ARGS; the
+# H200 lacks deepspeed: carry .whl3 (its wheels, built here) and .whl2 (pydantic), installed with --no-deps))
 # Every stage logs to $OUT/<stage>.log; the summary table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +61,7 @@ for s in "${STAGES[@]}"; do
     spec7b) stage spec7b 330 "python3 -m ulskip.bench.speculative cost --model llama-2-7b --batch-sizes 1,8,32 --draft-speedups 2,3 --num-draft-tokens 2,3,4,6,8 ${SPEC_ACCEPT:+--acceptance $SPEC_ACCEPT} --json $OUT/spec_cost_7b.json" ;;
     specreal) stage specreal 300 "python3 -m ulskip.bench.speculative real --model $SPEC_CKPT --data $SPEC_DATA --batch-sizes 1,8,32 --draft-speedups ${SPEC_DRAFTS:-2,3} --num-draft-tokens 2,3,4,5,6,8 --json $OUT/spec_real.json" ;;
     study)  stage study 580 "python3 -m ulskip.bench.quality run --model $STUDY_MODEL --data $STUDY_DATA --out $STUDY_OUT --steps $STUDY_STEPS $STUDY_ARGS" ;;
+    deepspeed) stage deepspeed 540 "python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/dsite .whl3/*.whl .whl2/pydantic-*.whl .whl2/pydantic_core-*.whl .whl2/annotated_types-*.whl .whl2/typing_inspection-*.whl .whl2/typing_extensions-*.whl && PYTHONPATH=/tmp/dsite${PYTHONPATH:+:$PYTHONPATH} python3 -m ulskip.bench.deepspeed_compare run --model ${ZERO_MODEL:-/root/smollm2} --train-file ${ZERO_DATA:-/root/data-fr/train.jsonl} --out $OUT/deepspeed ${ZERO_ARGS:-}" ;;
     prof)   stage prof 120 "python3 -m ulskip.bench.profile_decode" ;;
     gemv)   stage gemv 150 "python3 -m ulskip.bench.gemv_probe" ;;
     gemvf)  stage gemvf 300 "python3 -m ulskip.bench.gemv_probe --fused" ;;
