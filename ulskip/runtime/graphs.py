@@ -14,6 +14,8 @@ run eagerly: there the GEMMs take longer than the launches, and a graph per shap
 """
 from __future__ import annotations
 
+import gc
+
 import torch
 
 # batch bucket x length bucket up to which the prompt pass is a graph. By FLOP count, 512 tokens of a 7B
@@ -46,7 +48,9 @@ def prefill_bucket(n: int, length: int, max_batch_size: int, max_seq_len: int,
 
 
 def _capture(fn, args, pool, device):
-    """Warm up off the default stream (Triton compiles, cuBLAS picks kernels), then capture fn(*args)."""
+    """Warm up off the default stream (Triton compiles, cuBLAS picks kernels), then capture fn(*args).
+    Python's cyclic GC is off during the capture: a collection there can free an old engine's graphs, and
+    destroying a graph while a stream captures invalidates the capture (seen as a cuBLAS failure)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -54,8 +58,14 @@ def _capture(fn, args, pool, device):
             fn(*args)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn(*args)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn(*args)
+    finally:
+        if collecting:
+            gc.enable()
     return graph, out
 
 
