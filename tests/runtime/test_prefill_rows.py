@@ -51,7 +51,8 @@ def test_a_prompt_in_chunks_equals_the_whole_pass(eng, chunks):
     eng.cache.k.fill_(0.5)
     start = 0
     for n in chunks:
-        logits = eng.prefill_chunk(p[start:start + n], 2, start)
+        assert (eng.cache.k[:, 2] == 0.5).all()  # the row gets the prompt's K/V after the last chunk
+        logits = eng.prefill_chunk(p, 2, start, n)
         start += n
     torch.testing.assert_close(logits[0], want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(eng.cache.k[:, 2, :, :len(p)], k, rtol=1e-5, atol=1e-5)
@@ -63,7 +64,7 @@ def test_a_prompt_in_chunks_equals_the_whole_pass(eng, chunks):
     eng.cache.v.zero_()
     start = 0
     for n in chunks:
-        logits = eng.prefill_chunk(p[start:start + n], 0, start)
+        logits = eng.prefill_chunk(p, 0, start, n)
         start += n
     toks, pos = [int(logits.argmax(-1))], len(p)
     for _ in range(5):
@@ -85,11 +86,14 @@ def test_bad_calls(eng):
     with pytest.raises(ValueError, match="non-empty prompts of at most 512 tokens in all"):
         eng.prefill_rows([[5] * 300, [6] * 300], [0, 1])
     with pytest.raises(ValueError, match="does not fit max_seq_len=40"):
-        eng.prefill_chunk([5] * 41, 0, 0)
+        eng.prefill_chunk([5] * 41, 0, 0, 8)
     with pytest.raises(ValueError, match="non-empty"):
-        eng.prefill_chunk([], 0, 0)
-    eng.prefill_chunk([5, 6], 1, 0)
+        eng.prefill_chunk([], 0, 0, 1)
+    for start, size in [(0, 0), (2, 1), (0, 3), (-1, 1)]:
+        with pytest.raises(ValueError, match=r"is not a non-empty piece of the 2-token prompt"):
+            eng.prefill_chunk([5, 6], 1, start, size)
+    eng.prefill_chunk([5, 6, 7], 1, 0, 2)
     with pytest.raises(ValueError, match="does not continue a chunked prompt pass"):
-        eng.prefill_chunk([7], 2, 2)
+        eng.prefill_chunk([5, 6, 7], 2, 2, 1)
     with pytest.raises(ValueError, match="outside"):
-        eng.prefill_chunk([7], -1, 0)
+        eng.prefill_chunk([7], -1, 0, 1)

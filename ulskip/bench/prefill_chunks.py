@@ -3,7 +3,8 @@
     python -m ulskip.bench.prefill_chunks --model llama-2-7b --target-speedup 2 --length 2048 --chunk 512
 
 Times, on one engine: the whole prompt pass into a row (Engine.prefill_rows), the same prompt in chunks
-(Engine.prefill_chunk, each chunk timed), and a profile of the last chunk's kernels (top 12 by GPU time).
+(Engine.prefill_chunk, each chunk timed; CUDA graphs on a GPU), and a profile of one chunked pass's
+kernels (top 12 by GPU time).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def main(argv=None):
     def chunked(times=None):
         for s in range(0, args.length, args.chunk):
             t0 = time.perf_counter()
-            eng.prefill_chunk(prompt[s:s + args.chunk], 1, s)
+            eng.prefill_chunk(prompt, 1, s, min(args.chunk, args.length - s))
             sync()
             if times is not None:
                 times.append(1e3 * (time.perf_counter() - t0))
@@ -68,7 +69,7 @@ def main(argv=None):
         chunked()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for s0 in range(0, args.length, args.chunk):
-                eng.prefill_chunk(prompt[s0:s0 + args.chunk], 1, s0)
+                eng.prefill_chunk(prompt, 1, s0, min(args.chunk, args.length - s0))
             sync()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
         print(f"kernels of one chunked pass (chunks from 0 to {s}):")

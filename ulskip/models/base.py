@@ -42,8 +42,7 @@ class Step:
     sin: torch.Tensor | None = None
     slopes: torch.Tensor | None = None      # [Hq] ALiBi slopes (Bloom)
     seq_lens: torch.Tensor | None = None    # decode: [B] keys visible to the last new token (position + 1)
-    past: int = 0                           # prompt pass: tokens already in the cache before these (a later
-                                            # chunk of a chunked prompt pass attends over them too)
+    chunk: bool = False                     # prompt pass in pieces: attend over the whole cache row by position
 
 
 def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: bool = True) -> torch.Tensor:
@@ -62,9 +61,8 @@ def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: 
         q, k = ops.rotary(q, step.cos, step.sin), ops.rotary(k, step.cos, step.sin)
     if kv is not None:
         ops.cache_write(kv[0], kv[1], k, v, step.positions)
-    if step.past:
-        end = step.past + T
-        return chunk_attention(q, kv[0][:, :, :end], kv[1][:, :, :end], step.past, scale, slopes).reshape(B, T, Hq * D)
+    if step.chunk:
+        return chunk_attention(q, kv[0], kv[1], step.positions, scale, slopes).reshape(B, T, Hq * D)
     return prefill_attention(q, k, v, scale, slopes).reshape(B, T, Hq * D)
 
 
@@ -86,22 +84,22 @@ def prefill_attention(q, k, v, scale, slopes=None):
     return out.transpose(1, 2)
 
 
-def chunk_attention(q, k_cache, v_cache, past: int, scale, slopes=None):
-    """A later chunk of a prompt: q [B, T, Hq, D] at positions past..past+T-1 over the cached keys
-    [B, Hkv, past+T, D] of the whole sequence so far (its own written first), causal with that offset.
-    SDPA with an explicit mask: its is_causal aligns the mask top-left, which is wrong for T < keys."""
+def chunk_attention(q, k_cache, v_cache, positions, scale, slopes=None):
+    """A chunk of a prompt pass in pieces: q [B, T, Hq, D] at `positions` [B, T] over the whole cache rows
+    [B, Hkv, S, D] (the chunk's own K/V written first), key j visible to a query at position p when j <= p.
+    Shapes do not depend on where the chunk starts, so one CUDA graph per chunk length serves every chunk."""
     q = q.transpose(1, 2)
     if k_cache.shape[1] != q.shape[1]:
         k_cache = k_cache.repeat_interleave(q.shape[1] // k_cache.shape[1], dim=1)
         v_cache = v_cache.repeat_interleave(q.shape[1] // v_cache.shape[1], dim=1)
-    T, S = q.shape[2], k_cache.shape[2]
+    S = k_cache.shape[2]
     j = torch.arange(S, device=q.device)
-    visible = j.view(1, S) <= past + torch.arange(T, device=q.device).view(T, 1)
+    visible = (j.view(1, 1, S) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, S]
     if slopes is None:
         mask = visible
     else:  # ALiBi: the prompt pass's bias slope_h * j over absolute key positions
-        mask = (slopes.to(q.device).view(-1, 1, 1) * j.view(1, 1, S).float()).masked_fill(~visible, float("-inf"))
-        mask = mask.to(q.dtype).unsqueeze(0)
+        bias = slopes.to(q.device).view(1, -1, 1, 1) * j.view(1, 1, 1, S).float()
+        mask = bias.masked_fill(~visible, float("-inf")).to(q.dtype)
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=scale).transpose(1, 2)
 
 

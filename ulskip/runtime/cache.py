@@ -73,18 +73,3 @@ class StagingCache:
         n = b * t * self.width
         return CompactKVCache.over(self.kept_layers, self.k[:, :n].view(shape), self.v[:, :n].view(shape))
 
-
-class SequenceCache:
-    """One sequence's K/V at every prompt-pass layer, for a prompt pass in chunks (Engine.prefill_chunk):
-    the kept layers' in its row of the compact cache (decode steps read them there), the skipped layers'
-    (prefill "full") in a one-row scratch cache, because a later chunk attends over the earlier chunks at
-    every layer it runs. Looks like a one-row cache to the model."""
-
-    def __init__(self, cache: CompactKVCache, row: int, scratch: CompactKVCache | None):
-        self.cache, self.row, self.scratch = cache, row, scratch
-
-    def layer(self, layer: int, batch: int = 1):
-        i = self.cache.slot.get(layer)
-        if i is not None:
-            return self.cache.k[i, self.row:self.row + 1], self.cache.v[i, self.row:self.row + 1]
-        return None if self.scratch is None else self.scratch.layer(layer, 1)

@@ -21,9 +21,9 @@ from ulskip.loading.config import check_config, from_hf, load_config
 from ulskip.loading.tokenizer import check_eos_ids, generation_eos_ids, load_tokenizer
 from ulskip.models.base import Step
 from ulskip.runtime.beam import beam_search
-from ulskip.runtime.cache import CompactKVCache, SequenceCache, StagingCache
+from ulskip.runtime.cache import CompactKVCache, StagingCache
 from ulskip.runtime.generation import GenerationConfig
-from ulskip.runtime.graphs import PREFILL_GRAPH_TOKENS, DecodeGraphs, PrefillGraphs, prefill_bucket
+from ulskip.runtime.graphs import PREFILL_GRAPH_TOKENS, ChunkGraphs, DecodeGraphs, PrefillGraphs, prefill_bucket
 from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
 from ulskip.runtime.speculative import check_speculative, draft_layers, speculative_decode, speculative_stream
@@ -156,9 +156,12 @@ class Engine:
                                     cfg.head_dim, self.dtype, self.device)
         self.row_prefill_graphs = PrefillGraphs(self._prefill_staging, max_batch_size, max_seq_len, self.device) \
             if graphs else None
-        # prefill_chunk: the skipped layers' K/V of a chunked prompt's earlier chunks (prefill "full"),
-        # allocated on first use; one chunked prompt at a time (_chunk_row)
-        self._chunk_scratch, self._chunk_row = None, None
+        # prefill_chunk: a long prompt's pass in pieces writes a one-row cache of every prompt-pass layer (a
+        # chunk attends over the earlier chunks at each layer it runs, and the compact cache holds only the
+        # kept ones), copied into the request's row after the last chunk; allocated on first use, one
+        # chunked prompt at a time (_chunk_row)
+        self._chunk_cache, self._chunk_row, self._chunk_graphs = None, None, None
+        self._graphs_on = graphs
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -275,34 +278,47 @@ class Engine:
         return logits
 
     @torch.inference_mode()
-    def prefill_chunk(self, tokens: list[int], row: int, start: int) -> torch.Tensor:
-        """One chunk of a prompt pass in pieces: tokens at positions start..start+len-1 of cache row `row`,
-        attending over the chunks before it -> fp32 logits [1, V] of its last token. Call it for start = 0,
-        then for each next chunk in order; one chunked prompt at a time (a prefill "full" engine keeps the
-        skipped layers' K/V of the earlier chunks in one scratch row). Eager: a chunk is long enough for its
-        GEMMs to outweigh the launches. Continuous batching runs long prompts this way, a chunk per step
-        between decode steps, so running sequences are not stalled by a whole long prompt pass."""
+    def prefill_chunk(self, prompt: list[int], row: int, start: int, size: int) -> torch.Tensor:
+        """One chunk of a prompt pass in pieces: prompt[start:start+size] at those positions, attending over
+        the chunks before it -> fp32 logits [1, V] of the chunk's last token. Call it for start = 0, then
+        for each next chunk in order; after the chunk that ends the prompt, its K/V is in cache row `row`.
+        One chunked prompt at a time. On a GPU each chunk replays a graph of its length bucket.
+        Continuous batching runs long prompts this way, a chunk per step between decode steps, so the running
+        sequences are not stalled by a whole long prompt pass."""
         if not 0 <= row < self.max_batch_size:
             raise ValueError(f"cache row {row} outside [0, {self.max_batch_size})")
-        if not tokens or not 0 <= start or start + len(tokens) > self.max_seq_len:
-            raise ValueError(f"a chunk of {len(tokens)} tokens at position {start} does not fit "
-                             f"max_seq_len={self.max_seq_len} (chunks must be non-empty)")
+        if not 1 <= len(prompt) <= self.max_seq_len:
+            raise ValueError(f"a prompt of {len(prompt)} tokens does not fit max_seq_len={self.max_seq_len} "
+                             "(prompts must be non-empty)")
+        if not (0 <= start < len(prompt) and 1 <= size <= len(prompt) - start):
+            raise ValueError(f"chunk [{start}, {start + size}) is not a non-empty piece of the {len(prompt)}-token "
+                             "prompt")
         if start == 0:
             self._chunk_row = row
         elif self._chunk_row != row:
             raise ValueError(f"row {row}'s chunk at position {start} does not continue a chunked prompt pass "
                              f"(the one in progress is row {self._chunk_row}); start it at position 0")
-        skipped = [i for i in self.prefill_layers if i not in self.cache.slot]
-        if skipped and self._chunk_scratch is None:
+        if self._chunk_cache is None:
             cfg = self.cfg
-            self._chunk_scratch = CompactKVCache(skipped, 1, cfg.num_kv_heads, self.max_seq_len, cfg.head_dim,
-                                                 self.dtype, self.device)
-        T = len(tokens)
-        step = Step(positions=torch.arange(start, start + T, device=self.device).unsqueeze(0),
-                    cache=SequenceCache(self.cache, row, self._chunk_scratch), decode=False, past=start)
-        logits = self.model(torch.tensor([tokens], device=self.device), step, self.prefill_layers,
-                            last_index=torch.tensor([T - 1], device=self.device))
+            self._chunk_cache = CompactKVCache(self.prefill_layers, 1, cfg.num_kv_heads, self.max_seq_len,
+                                               cfg.head_dim, self.dtype, self.device)
+            if self._graphs_on:
+                self._chunk_graphs = ChunkGraphs(self._chunk_eager, self.max_seq_len, self.device)
+        tokens = torch.tensor([prompt[start:start + size]], device=self.device)
+        if self._chunk_graphs is not None:
+            logits = self._chunk_graphs(tokens, start)
+        else:
+            positions = torch.arange(start, start + size, device=self.device).unsqueeze(0)
+            logits = self._chunk_eager(tokens, positions, torch.tensor([size - 1], device=self.device))
+        if start + size == len(prompt):
+            n, slots = len(prompt), [self._chunk_cache.slot[i] for i in self.kept_layers]
+            self.cache.k[:, row, :, :n] = self._chunk_cache.k[slots, 0, :, :n]
+            self.cache.v[:, row, :, :n] = self._chunk_cache.v[slots, 0, :, :n]
         return logits
+
+    def _chunk_eager(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        step = Step(positions=positions, cache=self._chunk_cache, decode=False, chunk=True)
+        return self.model(tokens, step, self.prefill_layers, last_index=last)
 
     def step_layers(self, j: int) -> tuple[int, ...]:
         """The layers response token j (0 = the first generated token, the first decode step's input) runs."""

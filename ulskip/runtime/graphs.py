@@ -153,3 +153,40 @@ def fill_static(tok: torch.Tensor, lens: torch.Tensor, tokens: torch.Tensor, len
     tok[:n, :T].copy_(tokens)
     lens.fill_(1)
     lens[:n].copy_(lengths)
+
+
+def chunk_bucket(n: int, max_seq_len: int) -> int:
+    """The padded length of a prompt chunk of n tokens: a power of two, at least MIN_PREFILL_BUCKET."""
+    return min(max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()), max_seq_len)
+
+
+class ChunkGraphs:
+    """Chunks of a prompt pass in pieces (Engine.prefill_chunk), a graph per chunk-length bucket. A chunk
+    writes one row of all prompt-pass layers and attends over the whole row under a position mask, so its
+    shapes never depend on where it starts. Eager, the Python launches of a long chunk (~20 per layer) cost
+    about as much as its GEMMs, and the serving thread shares the GIL with the HTTP side."""
+
+    def __init__(self, chunk_fn, max_seq_len: int, device):
+        self.chunk_fn, self.max_seq_len, self.device = chunk_fn, max_seq_len, device
+        self.graphs = {}  # t -> (graph, static tokens [1, t], positions [1, t], last index [1], logits [1, V])
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """tokens [1, n] at positions start..start+n-1 -> logits [1, V] of the last (the graph's static
+        buffer). Padding runs at the positions after the chunk (clamped to the row's end), which a later
+        chunk or decode step writes before anything reads them."""
+        n = tokens.shape[1]
+        t = chunk_bucket(n, self.max_seq_len)
+        if t not in self.graphs:
+            tok = torch.zeros(1, t, dtype=torch.long, device=self.device)
+            pos = torch.arange(t, device=self.device).unsqueeze(0)
+            last = torch.zeros(1, dtype=torch.long, device=self.device)
+            graph, logits = _capture(self.chunk_fn, (tok, pos, last), self.pool, self.device)
+            self.graphs[t] = (graph, tok, pos, last, logits)
+        graph, tok, pos, last, logits = self.graphs[t]
+        tok.zero_()
+        tok[:, :n].copy_(tokens)
+        torch.arange(start, start + t, device=self.device, out=pos[0]).clamp_(max=self.max_seq_len - 1)
+        last.fill_(n - 1)
+        graph.replay()
+        return logits

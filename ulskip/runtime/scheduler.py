@@ -9,8 +9,8 @@ free rows (which keeps n small); the queue is bounded.
 Prompt passes run between two decode steps, at most `prefill_chunk` prompt tokens per step (vLLM's
 max_num_batched_tokens, SGLang's chunked prefill size), so the running sequences wait for at most one
 such pass per token: waiting prompts that fit the budget together share one pass (Engine.prefill_rows),
-and a prompt longer than the budget runs a chunk per step (Engine.prefill_chunk), one such prompt at a
-time, while the others keep decoding.
+and a prompt longer than the budget runs a chunk per step (Engine.prefill_chunk, a CUDA graph per chunk
+length on a GPU), one such prompt at a time, while the others keep decoding.
 
 The scheduler owns its engine: one thread (`start()`, or a caller of `step()`) drives it, and nothing else
 may run the engine meanwhile. Requests are submitted from any thread; their tokens come back through
@@ -282,8 +282,7 @@ class Scheduler:
     def _chunk(self, req: Request, n: int) -> None:
         """The next n tokens of a long prompt's pass; after its last chunk, its first token."""
         try:
-            p = req.prefilled
-            logits = self.engine.prefill_chunk(req.prompt[p:p + n], req.row, p)
+            logits = self.engine.prefill_chunk(req.prompt, req.row, req.prefilled, n)
             req.prefilled += n
             if req.prefilled == len(req.prompt):
                 self.chunking = None
@@ -293,16 +292,15 @@ class Scheduler:
             self._fail([req], exc)
 
     def _decode(self, busy: list[Request]) -> None:
-        """One decode step of the rows whose prompt is in. A row still in its chunked prompt pass runs a lane
-        too (the step covers rows 0..n-1, and a bucket's padding rows write position 0): it decodes at its
-        next prompt position, which its next chunk overwrites before anything reads it."""
+        """One decode step of the rows whose prompt is in (a row still in its chunked prompt pass decodes a
+        dummy lane, like a free row: its prompt's K/V is copied into the row after the last chunk)."""
         e = self.engine
-        n = max(r.row for r in busy) + 1
+        ready = [r for r in busy if r.prefilled == len(r.prompt)]
+        n = max(r.row for r in ready) + 1
         tokens = [0] * n
         positions = [0] * n  # a free row below n decodes token 0 at its position 0: nothing reads it
-        ready = [r for r in busy if r.prefilled == len(r.prompt)]
-        for r in busy:
-            tokens[r.row], positions[r.row] = (r.last, r.position) if r in ready else (0, r.prefilled)
+        for r in ready:
+            tokens[r.row], positions[r.row] = r.last, r.position
         try:
             logits = e.decode(torch.tensor(tokens, device=e.device), torch.tensor(positions, device=e.device))
             self.steps += 1
