@@ -55,7 +55,7 @@ for s in "${STAGES[@]}"; do
     train)  stage train 60 "python3 -m ulskip.bench.train --out $OUT/train_bench.json" ;;
     train2) stage train2 150 "CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 -m ulskip.bench.train --out $OUT/train_bench_x2.json" ;;
     old1)   stage old1 300 "cd .old && OUT=$OUT/old bash bench/gpu_check.sh build quick1" ;;
-    serve)  stage serve 200 "python3 -m pytest -q -m gpu tests/runtime/test_engine_gpu.py -k "continuous or chunked" && python3 -m ulskip.bench.serve_load --model llama-2-7b --target-speedup 2 --max-batch-size 16 --concurrency 1,4,16 --json $OUT/serve_load.json" ;;
+    serve)  stage serve 200 "python3 -m pytest -q -m gpu tests/runtime/test_engine_gpu.py -k 'continuous or chunked' && python3 -m ulskip.bench.serve_load --model llama-2-7b --target-speedup 2 --max-batch-size 16 --concurrency 1,4,16 --json $OUT/serve_load.json" ;;
     servelong) stage servelong 400 "for c in 512 3096; do python3 -m ulskip.bench.serve_load --model llama-2-7b --target-speedup 2 --max-batch-size 16 --concurrency 4,16 --prompt-len 1024:3000 --output-len 32:96 --prefill-chunk \$c --json $OUT/serve_long_chunk\$c.json || exit 1; done" ;;
     pchunk) stage pchunk 200 "python3 -m ulskip.bench.prefill_chunks --model llama-2-7b --target-speedup 2 --length 2048 --chunk 512 --json $OUT/prefill_chunks.json" ;;
     tcomp)  stage tcomp 580 "$BENCH --model llama-2-7b --systems ulskip,torch-compile --json $OUT/tcomp.json" ;;
