@@ -155,13 +155,14 @@ def test_decode_runs_the_fused_projections(path, monkeypatch):
 
 
 def test_chunked_prompt_pass_graphs_on_the_gpu(path):
-    """Engine.prefill_chunk through its chunk graphs (padded lengths, positions past the prompt clamped):
-    the last chunk's logits and the row's K/V equal the whole prompt pass (fp32)."""
+    """Engine.prefill_chunk through its chunk graphs (padded lengths, a graph captured in the middle of a
+    prompt, padding past the row's end): the last chunk's logits and the row's K/V equal the whole prompt
+    pass (fp32)."""
     eng = Engine.from_pretrained(path, target_speedup=2, device="cuda", dtype="fp32", max_seq_len=64, max_batch_size=2)
     prompt = [(7 * i + 3) % 50 + 4 for i in range(45)]
     want = eng.prefill(torch.tensor([prompt], device="cuda"), torch.tensor([45], device="cuda"), graphs=False)[0].clone()
     k, v = eng.cache.k[:, 0, :, :45].clone(), eng.cache.v[:, 0, :, :45].clone()
-    for chunks in ([20, 20, 5], [45], [1, 44]):
+    for chunks in ([20, 20, 5], [45], [1, 44], [40, 5]):
         start = 0
         for n in chunks:
             logits = eng.prefill_chunk(prompt, 1, start, n)
@@ -170,6 +171,13 @@ def test_chunked_prompt_pass_graphs_on_the_gpu(path):
         torch.testing.assert_close(eng.cache.k[:, 1, :, :45], k, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(eng.cache.v[:, 1, :, :45], v, rtol=1e-4, atol=1e-4)
     assert sorted(eng._chunk_graphs.graphs) == [16, 32, 64]
+    prompt = [(5 * i + 1) % 50 + 4 for i in range(64)]  # up to the row's end: the last chunk's padding runs past it
+    want = eng.prefill(torch.tensor([prompt], device="cuda"), torch.tensor([64], device="cuda"), graphs=False)[0].clone()
+    k = eng.cache.k[:, 0].clone()
+    for start, n in ((0, 40), (40, 24)):
+        logits = eng.prefill_chunk(prompt, 1, start, n)
+    torch.testing.assert_close(logits[0], want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(eng.cache.k[:, 1], k, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype,chunk", [("fp32", 512), ("bf16", 512), ("fp32", 6), ("bf16", 6)])

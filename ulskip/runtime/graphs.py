@@ -168,25 +168,29 @@ class ChunkGraphs:
 
     def __init__(self, chunk_fn, max_seq_len: int, device):
         self.chunk_fn, self.max_seq_len, self.device = chunk_fn, max_seq_len, device
-        self.graphs = {}  # t -> (graph, static tokens [1, t], positions [1, t], last index [1], logits [1, V])
+        self.graphs = {}  # t -> (graph, static logits [1, V])
+        self.buffers = {}  # t -> static tokens [1, t], positions [1, t], last index [1]
         self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """tokens [1, n] at positions start..start+n-1 -> logits [1, V] of the last (the graph's static
-        buffer). Padding runs at the positions after the chunk (clamped to the row's end), which a later
-        chunk or decode step writes before anything reads them."""
+        buffer). Padding runs at the positions after the chunk, which a later chunk or decode step writes
+        before anything reads them; the CUDA cache write skips those past the row's end."""
         n = tokens.shape[1]
         t = chunk_bucket(n, self.max_seq_len)
-        if t not in self.graphs:
-            tok = torch.zeros(1, t, dtype=torch.long, device=self.device)
-            pos = torch.arange(t, device=self.device).unsqueeze(0)
-            last = torch.zeros(1, dtype=torch.long, device=self.device)
-            graph, logits = _capture(self.chunk_fn, (tok, pos, last), self.pool, self.device)
-            self.graphs[t] = (graph, tok, pos, last, logits)
-        graph, tok, pos, last, logits = self.graphs[t]
+        if t not in self.buffers:
+            self.buffers[t] = (torch.zeros(1, t, dtype=torch.long, device=self.device),
+                               torch.zeros(1, t, dtype=torch.long, device=self.device),
+                               torch.zeros(1, dtype=torch.long, device=self.device))
+        tok, pos, last = self.buffers[t]
         tok.zero_()
         tok[:, :n].copy_(tokens)
-        torch.arange(start, start + t, device=self.device, out=pos[0]).clamp_(max=self.max_seq_len - 1)
+        torch.arange(start, start + t, device=self.device, out=pos[0])
         last.fill_(n - 1)
+        if t not in self.graphs:
+            # filled first: the capture's warm-up runs compute this very chunk (the same K/V at the same
+            # positions), where dummy inputs would overwrite the earlier chunks' K/V
+            self.graphs[t] = _capture(self.chunk_fn, (tok, pos, last), self.pool, self.device)
+        graph, logits = self.graphs[t]
         graph.replay()
         return logits
