@@ -180,6 +180,32 @@ def test_chunked_prompt_pass_graphs_on_the_gpu(path):
     torch.testing.assert_close(eng.cache.k[:, 1], k, rtol=1e-4, atol=1e-4)
 
 
+def test_warm_up_captures_every_graph_serving_replays(path):
+    """After Scheduler.warm_up(), a run of short, shared and chunked prompts captures no new graph, and each
+    request still gets generate()'s tokens alone (fp32)."""
+    from ulskip.runtime.scheduler import Scheduler
+    eng = Engine.from_pretrained(path, target_speedup=2, device="cuda", dtype="fp32", max_seq_len=128,
+                                 max_batch_size=4)
+    sched = Scheduler(eng, prefill_chunk=24)
+    assert sched.warm_up() > 0
+
+    def count():
+        return len(eng.graphs.graphs) + len(eng.row_prefill_graphs.graphs) + len(eng._chunk_graphs.graphs)
+
+    before = count()
+    prompts = [[(3 * i + 7 * j) % 60 + 4 for j in range(n)] for i, n in enumerate([3, 30, 17, 5, 60, 9, 24, 25, 1])]
+    outs = []
+    for p in prompts:
+        got = []
+        sched.request(p, lambda ev, got=got: got.extend(ev.token_ids), max_new_tokens=6, eos_token_id=[])
+        outs.append(got)
+    while sched.step():
+        pass
+    assert count() == before
+    for p, got in zip(prompts, outs):
+        assert got == eng.generate([p], max_new_tokens=6).sequences[0]
+
+
 @pytest.mark.parametrize("dtype,chunk", [("fp32", 512), ("bf16", 512), ("fp32", 6), ("bf16", 6)])
 def test_continuous_batching_on_the_gpu(path, dtype, chunk):
     """Rows joining and leaving a running batch of CUDA-graph decode steps, waiting prompts sharing one

@@ -119,6 +119,17 @@ def test_waiting_prompts_share_one_pass(eng, monkeypatch):
         assert got["tokens"] == eng.generate([p], max_new_tokens=3).sequences[0]
 
 
+def test_warm_up_is_a_no_op_without_graphs_and_refused_once_running(eng):
+    sched = Scheduler(eng, prefill_chunk=8)
+    assert sched.warm_up() == 0  # CPU: nothing to capture
+    got, emit = collect()
+    sched.request([5, 6, 7], emit, max_new_tokens=3, eos_token_id=[])
+    with pytest.raises(RuntimeError, match="before the scheduler starts"):
+        sched.warm_up()
+    run(sched)
+    assert got["tokens"] == eng.generate([[5, 6, 7]], max_new_tokens=3).sequences[0]
+
+
 def test_cancel_during_a_chunked_prompt(eng):
     sched = Scheduler(eng, prefill_chunk=4)
     long_, emit = collect()

@@ -23,7 +23,14 @@ from ulskip.models.base import Step
 from ulskip.runtime.beam import beam_search
 from ulskip.runtime.cache import CompactKVCache, StagingCache
 from ulskip.runtime.generation import GenerationConfig
-from ulskip.runtime.graphs import PREFILL_GRAPH_TOKENS, ChunkGraphs, DecodeGraphs, PrefillGraphs, prefill_bucket
+from ulskip.runtime.graphs import (
+    PREFILL_GRAPH_TOKENS,
+    ChunkGraphs,
+    DecodeGraphs,
+    PrefillGraphs,
+    chunk_bucket,
+    prefill_bucket,
+)
 from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
 from ulskip.runtime.speculative import check_speculative, draft_layers, speculative_decode, speculative_stream
@@ -237,6 +244,38 @@ class Engine:
 
     def _prefill_staging(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self._prefill_eager(tokens, lengths, cache=self.staging.view(*tokens.shape))
+
+    @torch.inference_mode()
+    def capture_graphs(self, prefill_chunk: int) -> int:
+        """Capture now every CUDA graph that continuous batching with a per-step budget of prefill_chunk prompt
+        tokens replays: the decode step per batch bucket, shared prompt passes per (batch, length) bucket
+        within the budget, and chunks per length bucket when prompts can be longer than the budget. Each is
+        otherwise captured the first time it is needed, while requests wait (~150 ms for a 7B model). Writes
+        cache rows: call it before any sequence is live. -> the number of graphs captured (0 without graphs)."""
+        if self.graphs is None:
+            return 0
+
+        def count():
+            chunks = 0 if self._chunk_graphs is None else len(self._chunk_graphs.graphs)
+            return len(self.graphs.graphs) + len(self.row_prefill_graphs.graphs) + chunks
+
+        before = count()
+        for b in self.graphs.sizes:
+            self.decode(torch.zeros(b, dtype=torch.long, device=self.device),
+                        torch.zeros(b, dtype=torch.long, device=self.device))
+        lengths = [t for t in (1 << k for k in range(4, 32)) if t <= self.max_seq_len]
+        longest = chunk_bucket(min(prefill_chunk, self.max_seq_len), self.max_seq_len)  # one prompt's bucket
+        for b in self.graphs.sizes:
+            for t in lengths:
+                fits = b * t <= prefill_chunk or (b == 1 and t <= longest)
+                if fits and prefill_bucket(b, t, self.max_batch_size, self.max_seq_len) == (b, t):
+                    self.prefill_rows([[0] * t] * b, list(range(b)))
+        if prefill_chunk < self.max_seq_len:  # longer prompts run in chunks of up to prefill_chunk tokens
+            for t in lengths:
+                if t <= longest:
+                    self.prefill_chunk([0] * t, 0, 0, t)
+            self._chunk_row = None
+        return count() - before
 
     def prefill_rows_cost(self, n: int, length: int) -> int:
         """Prompt tokens a prefill_rows pass of n prompts of up to `length` tokens computes: its graph's

@@ -148,6 +148,14 @@ class Scheduler:
             self.cond.notify()
         return req
 
+    def warm_up(self) -> int:
+        """Capture every CUDA graph the steps can replay before any request arrives (Engine.capture_graphs),
+        so none is captured while requests wait. -> graphs captured (0 on a CPU)."""
+        with self.cond:
+            if self.busy or self.waiting or self._thread is not None:
+                raise RuntimeError("warm_up() runs before the scheduler starts, with no request admitted")
+        return self.engine.capture_graphs(self.prefill_chunk)
+
     def cancel(self, req: Request) -> None:
         """Drop a request (its client went away): its row is freed before the next decode step."""
         with self.cond:

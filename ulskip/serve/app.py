@@ -46,6 +46,10 @@ def build_app(engine, model_name: str, max_queue: int = 256, shutdown_timeout: f
     @asynccontextmanager
     async def lifespan(app):
         if start:
+            t0 = time.perf_counter()
+            n = scheduler.warm_up()
+            if n:
+                print(f"captured {n} CUDA graphs in {time.perf_counter() - t0:.1f} s")
             scheduler.start()
         yield
         # uvicorn has let in-flight requests finish (its graceful shutdown); cancel whatever is left
