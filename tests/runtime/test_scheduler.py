@@ -191,7 +191,9 @@ def test_cancel_frees_the_row_and_spares_the_others(eng):
         sched.step()
     sched.cancel(reqs[1])
     sched.step()
-    assert sched.rows[1] is None and gots[1]["reason"] == "cancelled" and len(gots[1]["tokens"]) == 4
+    # three steps delivered the first token and two more; the third step's token was still on its way to the
+    # host when the request was cancelled, and is dropped
+    assert sched.rows[1] is None and gots[1]["reason"] == "cancelled" and len(gots[1]["tokens"]) == 3
     run(sched)
     for i in (0, 2):
         assert gots[i]["tokens"] == eng.generate([ps[i]], max_new_tokens=12).sequences[0]

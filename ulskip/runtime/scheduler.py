@@ -12,6 +12,11 @@ such pass per token: waiting prompts that fit the budget together share one pass
 and a prompt longer than the budget runs a chunk per step (Engine.prefill_chunk, a CUDA graph per chunk
 length on a GPU), one such prompt at a time, while the others keep decoding.
 
+Steps chain on the device: each row's next input is the token chosen for it on the device, and the host
+reads a step's tokens (text, stop strings, EOS, the emit callbacks) while the GPU runs the next step. A
+request the host finds finished then had one more token computed, which is dropped (a length limit is
+known in advance, so no row ever decodes past its max_new_tokens).
+
 The scheduler owns its engine: one thread (`start()`, or a caller of `step()`) drives it, and nothing else
 may run the engine meanwhile. Requests are submitted from any thread; their tokens come back through
 each request's `emit` callback, called on the scheduler's thread.
@@ -66,7 +71,7 @@ class Request:
     row: int | None = None
     position: int = 0                 # where the next token's K/V goes (= tokens in the cache)
     prefilled: int = 0                # prompt tokens in the cache (a chunked prompt pass's progress)
-    last: int = 0                     # the newest token, the next decode step's input
+    issued: int = 0                   # tokens chosen on the device (the host reads them a step later)
     tokens: list[int] = field(default_factory=list)
     text: IncrementalText | None = None
     sent: int = 0                     # characters of text handed out
@@ -89,6 +94,26 @@ def _held_back(text: str, stops: list[str]) -> int:
     return 0
 
 
+class _Picked:
+    """Tokens chosen on the device for some requests, on their way to the host: a non-blocking copy into
+    pinned memory and an event, so reading them waits for that copy only, not for work queued after it."""
+
+    def __init__(self, reqs: list[Request], chosen: torch.Tensor):
+        self.reqs = reqs
+        if chosen.is_cuda:
+            self.host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+            self.host.copy_(chosen, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = chosen, None
+
+    def values(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class Scheduler:
     def __init__(self, engine, max_queue: int = 256, prefill_chunk: int = 512):
         if engine.skipdecode is not None:
@@ -102,6 +127,10 @@ class Scheduler:
         # prompt tokens per step; a pass never exceeds the engine's staging buffer (max_seq_len tokens)
         self.prefill_chunk = min(prefill_chunk, engine.staging.capacity)
         self.chunking: Request | None = None  # the long prompt whose pass runs a chunk per step
+        # each row's next decode input, written by the device-side picks: steps chain without a host sync,
+        # and the host reads a step's tokens while the GPU runs the next one (_pending)
+        self._next = torch.zeros(engine.max_batch_size, dtype=torch.long, device=engine.device)
+        self._pending: list[_Picked] = []
         self.rows: list[Request | None] = [None] * engine.max_batch_size
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
@@ -194,7 +223,7 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    while not (self._stop_thread or self.closed or self.waiting or self.busy):
+                    while not (self._stop_thread or self.closed or self.waiting or self.busy or self._pending):
                         self.cond.wait()
                     if self._stop_thread or (self.closed and not self.waiting and not self.busy):
                         self._drop_cancelled()
@@ -214,17 +243,22 @@ class Scheduler:
                 chunk = (self.chunking, min(budget, len(self.chunking.prompt) - self.chunking.prefilled))
                 budget -= chunk[1]
             batch, first = self._admissions(budget)
+        previous, self._pending, fresh = self._pending, [], []
         if chunk is not None:
-            self._chunk(*chunk)
+            self._chunk(*chunk, fresh)
         if batch:
-            self._admit(batch)
+            self._admit(batch, fresh)
         if first is not None:
-            self._chunk(*first)
-        busy = [r for r in self.rows if r is not None]
-        if any(r.prefilled == len(r.prompt) for r in busy):
-            self._decode(busy)
+            self._chunk(*first, fresh)
+        ready = [r for r in self.rows if r is not None and not r.done and r.prefilled == len(r.prompt)
+                 and r.issued < r.gen.max_new_tokens]
+        if ready:
+            self._decode(ready)
+        # the host side of the last step's tokens and of the new requests' first ones, while the GPU runs
+        # this step: a request found finished here had one more token computed, which is dropped
+        self._deliver(previous + fresh)
         with self.cond:
-            return bool(self.waiting) or any(self.rows)
+            return bool(self.waiting) or any(self.rows) or bool(self._pending)
 
     def _admissions(self, budget: int):
         """Under the lock: move waiting requests into the lowest free rows, first come first served, within
@@ -277,17 +311,17 @@ class Scheduler:
             req.text = IncrementalText(e.tokenizer)
         req.prefilled = req.position = len(req.prompt)
 
-    def _admit(self, reqs: list[Request]) -> None:
+    def _admit(self, reqs: list[Request], fresh: list) -> None:
         """Whole prompts, one pass into their rows, then each one's first token."""
         try:
             logits = self.engine.prefill_rows([r.prompt for r in reqs], [r.row for r in reqs])
             for r in reqs:
                 self._begin(r)
-            self._pick(reqs, logits, {r.row: i for i, r in enumerate(reqs)})
+            fresh.append(self._pick(reqs, logits, list(range(len(reqs)))))
         except Exception as exc:  # one pass's failure must not take the running requests down
             self._fail(reqs, exc)
 
-    def _chunk(self, req: Request, n: int) -> None:
+    def _chunk(self, req: Request, n: int, fresh: list) -> None:
         """The next n tokens of a long prompt's pass; after its last chunk, its first token."""
         try:
             logits = self.engine.prefill_chunk(req.prompt, req.row, req.prefilled, n)
@@ -295,52 +329,63 @@ class Scheduler:
             if req.prefilled == len(req.prompt):
                 self.chunking = None
                 self._begin(req)
-                self._pick([req], logits, {req.row: 0})
+                fresh.append(self._pick([req], logits, [0]))
         except Exception as exc:
             self._fail([req], exc)
 
-    def _decode(self, busy: list[Request]) -> None:
-        """One decode step of the rows whose prompt is in (a row still in its chunked prompt pass decodes a
-        dummy lane, like a free row: its prompt's K/V is copied into the row after the last chunk)."""
+    def _decode(self, ready: list[Request]) -> None:
+        """One decode step of the ready rows. Each row's input is the token last chosen for it, read from the
+        device (no host sync between steps); a row below the highest ready one that is free or still in its
+        chunked prompt pass decodes a dummy lane (its K/V is rewritten before anything reads it)."""
         e = self.engine
-        ready = [r for r in busy if r.prefilled == len(r.prompt)]
         n = max(r.row for r in ready) + 1
-        tokens = [0] * n
-        positions = [0] * n  # a free row below n decodes token 0 at its position 0: nothing reads it
+        positions = [0] * n
         for r in ready:
-            tokens[r.row], positions[r.row] = r.last, r.position
+            positions[r.row] = r.position
         try:
-            logits = e.decode(torch.tensor(tokens, device=e.device), torch.tensor(positions, device=e.device))
+            logits = e.decode(self._next[:n], self._ints(positions))
             self.steps += 1
             for r in ready:
                 r.position += 1
-            self._pick(ready, logits, {r.row: r.row for r in ready})
+            self._pending.append(self._pick(ready, logits, [r.row for r in ready]))
         except Exception as exc:
             self._fail(ready, exc)
 
-    def _pick(self, reqs: list[Request], logits: torch.Tensor, where: dict[int, int]) -> None:
-        """Each request's next token from its logits row (penalties, then greedy or its own sampler)."""
-        for r in reqs:
+    def _pick(self, reqs: list[Request], logits: torch.Tensor, index: list[int]) -> "_Picked":
+        """Each request's next token from logits row index[k] (penalties, then greedy or its own sampler),
+        chosen on the device and written as its row's next decode input; the values reach the host later
+        (_deliver), through a copy that does not wait for the next step."""
+        for r, i in zip(reqs, index):
             if r.history is not None:
-                i = where[r.row]
                 apply_penalties_(logits[i:i + 1], r.history, r.gen.repetition_penalty, r.gen.no_repeat_ngram_size)
-        greedy = torch.argmax(logits, dim=-1)
-        chosen = {}
-        for r in reqs:
-            i = where[r.row]
+        chosen = torch.argmax(logits.index_select(0, self._ints(index)), dim=-1)
+        for k, (r, i) in enumerate(zip(reqs, index)):
             if r.gen.do_sample:
-                chosen[r.row] = sample(logits[i:i + 1], r.gen.temperature, r.gen.top_k, r.gen.top_p, r.rng)[0]
-            else:
-                chosen[r.row] = greedy[i]
-        values = torch.stack([chosen[r.row] for r in reqs]).tolist()  # the step's one host sync
-        for r, tok in zip(reqs, values):
-            self._push(r, tok)
+                chosen[k] = sample(logits[i:i + 1], r.gen.temperature, r.gen.top_k, r.gen.top_p, r.rng)[0]
+        for k, r in enumerate(reqs):
+            if r.history is not None:
+                r.history.append(chosen[k:k + 1])
+            r.issued += 1
+        self._next.index_copy_(0, self._ints([r.row for r in reqs]), chosen)
+        return _Picked(reqs, chosen)
+
+    def _ints(self, values: list[int]) -> torch.Tensor:
+        """Host ints to the device without waiting for the GPU: a copy from pageable memory would wait for
+        the work queued before it (the step just launched), and the host could not read the previous step's
+        tokens meanwhile; from pinned memory it is queued like a kernel."""
+        t = torch.tensor(values, dtype=torch.long)
+        if self.engine.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.engine.device, non_blocking=True)
+
+    def _deliver(self, picked: list["_Picked"]) -> None:
+        for p in picked:
+            for r, tok in zip(p.reqs, p.values()):
+                if not r.done:  # finished or cancelled meanwhile: a token computed past its end
+                    self._push(r, tok)
 
     def _push(self, r: Request, tok: int) -> None:
         r.tokens.append(tok)
-        r.last = tok
-        if r.history is not None:
-            r.history.append(torch.tensor([tok], device=self.engine.device))
         reason, text = None, ""
         if r.text is not None:
             before = len(r.text.text)
