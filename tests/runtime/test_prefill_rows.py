@@ -83,8 +83,8 @@ def test_bad_calls(eng):
         eng.prefill_rows([[5]], [4])
     with pytest.raises(ValueError, match="non-empty prompts of at most"):
         eng.prefill_rows([[]], [0])
-    with pytest.raises(ValueError, match="non-empty prompts of at most 512 tokens in all"):
-        eng.prefill_rows([[5] * 300, [6] * 300], [0, 1])
+    with pytest.raises(ValueError, match="a prompt of 300 tokens exceeds max_seq_len=40"):
+        eng.prefill_rows([[5] * 3, [6] * 300], [0, 1])
     with pytest.raises(ValueError, match="does not fit max_seq_len=40"):
         eng.prefill_chunk([5] * 41, 0, 0, 8)
     with pytest.raises(ValueError, match="non-empty"):

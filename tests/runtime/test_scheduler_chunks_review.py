@@ -6,6 +6,7 @@ import random
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -401,3 +402,43 @@ def test_client_leaving_mid_chunk_frees_the_row(paths, monkeypatch):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+# ---------------------------------------------------------------- regressions of the review's findings
+@pytest.mark.parametrize("S,chunk", [(100, 80), (40, 1000), (200, 130)])
+def test_warm_up_covers_a_max_seq_len_that_is_not_a_power_of_two(paths, emulated_graphs, S, chunk):
+    eng = emulated_graphs(engine(paths["llama"], max_batch_size=2, max_seq_len=S))
+    sched = Scheduler(eng, prefill_chunk=chunk)
+    sched.warm_up()
+    before = _graph_keys(eng)
+    for n in (S - 1, min(chunk, S - 1), S // 2 + 1):
+        sched.request([5 + i % 40 for i in range(n)], collect()[1], max_new_tokens=1)
+    for t in (6, 7):
+        sched.request([t] * (S // 2 - 1), collect()[1], max_new_tokens=1)
+    run(sched)
+    assert _graph_keys(eng) == before
+
+
+def test_prefill_rows_refuses_a_prompt_over_max_seq_len_before_writing(paths):
+    eng = engine(paths["llama"], max_batch_size=2, max_seq_len=40)
+    eng.cache.k.fill_(0.5)
+    with pytest.raises(ValueError, match="a prompt of 41 tokens exceeds max_seq_len=40"):
+        eng.prefill_rows([[5] * 3, [5] * 41], [0, 1])
+    assert (eng.cache.k == 0.5).all()
+
+
+def test_a_chunk_must_continue_where_the_last_one_ended(paths):
+    eng = engine(paths["llama"], max_batch_size=2, max_seq_len=40)
+    p = list(range(5, 15))
+    eng.prefill_chunk(p, 1, 0, 4)
+    with pytest.raises(ValueError, match="next at position 4"):
+        eng.prefill_chunk(p, 1, 6, 4)
+    eng.prefill_chunk(p, 1, 4, 6)  # the pass ends here
+    with pytest.raises(ValueError, match="none is in progress"):
+        eng.prefill_chunk(list(range(20, 30)), 1, 4, 6)
+
+
+@pytest.mark.parametrize("v", [np.int64(8), torch.tensor(8)])
+def test_numpy_and_tensor_integers_are_integers(paths, v):
+    sched = Scheduler(engine(paths["llama"]), prefill_chunk=v, max_queue=v)
+    assert sched.prefill_chunk == 8 and sched.max_queue == 8

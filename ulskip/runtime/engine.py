@@ -166,7 +166,7 @@ class Engine:
         # prefill_chunk: a long prompt's pass in pieces writes a one-row cache of every prompt-pass layer (a
         # chunk attends over the earlier chunks at each layer it runs, and the compact cache holds only the
         # kept ones), copied into the request's row after the last chunk; allocated on first use, one
-        # chunked prompt at a time (_chunk_row)
+        # chunked prompt at a time (_chunk_row: its row and next position)
         self._chunk_cache, self._chunk_row, self._chunk_graphs = None, None, None
         self._graphs_on = graphs
 
@@ -263,7 +263,8 @@ class Engine:
         for b in self.graphs.sizes:
             self.decode(torch.zeros(b, dtype=torch.long, device=self.device),
                         torch.zeros(b, dtype=torch.long, device=self.device))
-        lengths = [t for t in (1 << k for k in range(4, 32)) if t <= self.max_seq_len]
+        # the length buckets: powers of two from MIN_PREFILL_BUCKET, the last one capped at max_seq_len
+        lengths = sorted({chunk_bucket(1 << k, self.max_seq_len) for k in range(4, self.max_seq_len.bit_length() + 1)})
         longest = chunk_bucket(min(prefill_chunk, self.max_seq_len), self.max_seq_len)  # one prompt's bucket
         for b in self.graphs.sizes:
             for t in lengths:
@@ -274,7 +275,6 @@ class Engine:
             for t in lengths:
                 if t <= longest:
                     self.prefill_chunk([0] * t, 0, 0, t)
-            self._chunk_row = None
         return count() - before
 
     def prefill_rows_cost(self, n: int, length: int) -> int:
@@ -297,6 +297,8 @@ class Engine:
         if len(set(rows)) != len(rows) or not all(0 <= r < self.max_batch_size for r in rows):
             raise ValueError(f"cache rows must be distinct, in [0, {self.max_batch_size}), got {rows}")
         n, T = len(prompts), max(len(p) for p in prompts)
+        if T > self.max_seq_len:
+            raise ValueError(f"a prompt of {T} tokens exceeds max_seq_len={self.max_seq_len}")
         if min(len(p) for p in prompts) < 1 or n * T > self.staging.capacity:
             raise ValueError(f"prefill_rows takes non-empty prompts of at most {self.staging.capacity} tokens "
                              f"in all (n x the longest), got {n} x {T}")
@@ -333,10 +335,12 @@ class Engine:
             raise ValueError(f"chunk [{start}, {start + size}) is not a non-empty piece of the {len(prompt)}-token "
                              "prompt")
         if start == 0:
-            self._chunk_row = row
-        elif self._chunk_row != row:
+            self._chunk_row = (row, 0)
+        elif self._chunk_row != (row, start):
+            now = ("none is in progress" if self._chunk_row is None else
+                   f"the one in progress is row {self._chunk_row[0]}, next at position {self._chunk_row[1]}")
             raise ValueError(f"row {row}'s chunk at position {start} does not continue a chunked prompt pass "
-                             f"(the one in progress is row {self._chunk_row}); start it at position 0")
+                             f"({now}); start it at position 0")
         if self._chunk_cache is None:
             cfg = self.cfg
             self._chunk_cache = CompactKVCache(self.prefill_layers, 1, cfg.num_kv_heads, self.max_seq_len,
@@ -349,7 +353,9 @@ class Engine:
         else:
             positions = torch.arange(start, start + size, device=self.device).unsqueeze(0)
             logits = self._chunk_eager(tokens, positions, torch.tensor([size - 1], device=self.device))
+        self._chunk_row = (row, start + size)
         if start + size == len(prompt):
+            self._chunk_row = None
             n, slots = len(prompt), [self._chunk_cache.slot[i] for i in self.kept_layers]
             self.cache.k[:, row, :, :n] = self._chunk_cache.k[slots, 0, :, :n]
             self.cache.v[:, row, :, :n] = self._chunk_cache.v[slots, 0, :, :n]

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ulskip.arguments import integer
 from ulskip.runtime.generation import GenerationConfig
 from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
@@ -119,10 +120,8 @@ class Scheduler:
         if engine.skipdecode is not None:
             raise ValueError("continuous batching needs one layer set for every sequence; SkipDecode's depth "
                              "depends on each sequence's step (serve a static schedule)")
-        if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
-            raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
-        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be a positive integer (prompt tokens per step), got {prefill_chunk!r}")
+        max_queue = integer("max_queue", max_queue, 1, what="a positive integer")
+        prefill_chunk = integer("prefill_chunk", prefill_chunk, 1, what="a positive integer (prompt tokens per step)")
         self.engine, self.max_queue = engine, max_queue
         # prompt tokens per step; a pass never exceeds the engine's staging buffer (max_seq_len tokens)
         self.prefill_chunk = min(prefill_chunk, engine.staging.capacity)
