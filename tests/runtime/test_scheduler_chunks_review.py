@@ -60,7 +60,7 @@ def test_boundary_lengths_equal_generate(paths, family, prefill, max_batch_size,
     max_tokens 1, and a mix queued behind each other; prefill_chunk above max_seq_len is capped."""
     eng = engine(paths[family], prefill, max_batch_size)
     sched = Scheduler(eng, prefill_chunk=chunk)
-    assert sched.prefill_chunk == min(chunk, eng.staging.capacity)
+    assert sched.prefill_chunk == min(chunk, eng.staging_capacity)
     rng = random.Random(chunk * 10 + max_batch_size)
     outs = []
     for L in (chunk, chunk + 1, 39, 1, 20, 38, 5, 33):

@@ -159,8 +159,8 @@ class Engine:
         # live, so passes into chosen rows write a staging buffer (through their own graphs on a GPU), then
         # each prompt's K/V is copied into its row (one strided copy per K and V); at most max_seq_len
         # tokens per pass (or a graph bucket's), about the memory of one cache row
-        self.staging = StagingCache(self.kept_layers, max(max_seq_len, PREFILL_GRAPH_TOKENS), cfg.num_kv_heads,
-                                    cfg.head_dim, self.dtype, self.device)
+        # (allocated on first use: an engine that only runs generate() never holds it)
+        self.staging_capacity, self._staging = max(max_seq_len, PREFILL_GRAPH_TOKENS), None
         self.row_prefill_graphs = PrefillGraphs(self._prefill_staging, max_batch_size, max_seq_len, self.device) \
             if graphs else None
         # prefill_chunk: a long prompt's pass in pieces writes a one-row cache of every prompt-pass layer (a
@@ -242,6 +242,14 @@ class Engine:
         step = Step(positions=positions, cache=self.cache if cache is None else cache, decode=False)
         return self.model(tokens, step, self.prefill_layers, last_index=lengths - 1)
 
+    @property
+    def staging(self) -> StagingCache:
+        if self._staging is None:
+            cfg = self.cfg
+            self._staging = StagingCache(self.kept_layers, self.staging_capacity, cfg.num_kv_heads, cfg.head_dim,
+                                         self.dtype, self.device)
+        return self._staging
+
     def _prefill_staging(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self._prefill_eager(tokens, lengths, cache=self.staging.view(*tokens.shape))
 
@@ -299,8 +307,8 @@ class Engine:
         n, T = len(prompts), max(len(p) for p in prompts)
         if T > self.max_seq_len:
             raise ValueError(f"a prompt of {T} tokens exceeds max_seq_len={self.max_seq_len}")
-        if min(len(p) for p in prompts) < 1 or n * T > self.staging.capacity:
-            raise ValueError(f"prefill_rows takes non-empty prompts of at most {self.staging.capacity} tokens "
+        if min(len(p) for p in prompts) < 1 or n * T > self.staging_capacity:
+            raise ValueError(f"prefill_rows takes non-empty prompts of at most {self.staging_capacity} tokens "
                              f"in all (n x the longest), got {n} x {T}")
         tokens = torch.zeros(n, T, dtype=torch.long)
         for i, p in enumerate(prompts):

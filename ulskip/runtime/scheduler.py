@@ -124,7 +124,7 @@ class Scheduler:
         prefill_chunk = integer("prefill_chunk", prefill_chunk, 1, what="a positive integer (prompt tokens per step)")
         self.engine, self.max_queue = engine, max_queue
         # prompt tokens per step; a pass never exceeds the engine's staging buffer (max_seq_len tokens)
-        self.prefill_chunk = min(prefill_chunk, engine.staging.capacity)
+        self.prefill_chunk = min(prefill_chunk, engine.staging_capacity)
         self.chunking: Request | None = None  # the long prompt whose pass runs a chunk per step
         # each row's next decode input, written by the device-side picks: steps chain without a host sync,
         # and the host reads a step's tokens while the GPU runs the next one (_pending)
