@@ -5,7 +5,7 @@
 # gemv = Triton GEMV vs cuBLAS probe, gemvf = the fused batch-1 GEMV of kernels/gemv.py with a config sweep
 # (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile,
 # quick/bloomu = ulskip rows only, to merge with earlier baseline rows: ulskip bench --merge;
-# quick1/bloomu1 = the same at batch 1 only; pchunk = a chunked prompt pass against the whole one, timed and profiled; servelong = the load test with 1024-3000-token prompts, 512-token chunks vs whole passes; serve = continuous batching on the GPU + the serving load test (the H200 lacks fastapi/uvicorn/httpx: `pip download fastapi uvicorn httpx --dest .whl2 --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64` here, carry .whl2, there `pip install --no-index --find-links .whl2 --target /tmp/site2 fastapi uvicorn httpx; export PYTHONPATH=/tmp/site2`); old1 = build + quick1 of an older checkout unpacked in .old/
+# quick1/bloomu1 = the same at batch 1 only; floors = launch / graph-node / sync floors, the bf16 GEMM rate on the prompt-pass shapes and the prompt pass's share of it (issue 12 items 3-4); pchunk = a chunked prompt pass against the whole one, timed and profiled; servelong = the load test with 1024-3000-token prompts, 512-token chunks vs whole passes; serve = continuous batching on the GPU + the serving load test (the H200 lacks fastapi/uvicorn/httpx: `pip download fastapi uvicorn httpx --dest .whl2 --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64` here, carry .whl2, there `pip install --no-index --find-links .whl2 --target /tmp/site2 fastapi uvicorn httpx; export PYTHONPATH=/tmp/site2`); old1 = build + quick1 of an older checkout unpacked in .old/
 # (git archive REV | tar -x -C .old, carried), to compare speed before and after a change in one sitting);
 # tcomp / tcomp1 = ulskip against the torch-compile peer (issue 12; its compiles take most of the stage);
 # spec7b = the cost of a self-speculative round on llama-2-7b (random weights; SPEC_ACCEPT=a specreal json
@@ -57,6 +57,7 @@ for s in "${STAGES[@]}"; do
     old1)   stage old1 300 "cd .old && OUT=$OUT/old bash bench/gpu_check.sh build quick1" ;;
     serve)  stage serve 200 "python3 -m pytest -q -m gpu tests/runtime/test_engine_gpu.py -k 'continuous or chunked' && python3 -m ulskip.bench.serve_load --model llama-2-7b --target-speedup 2 --max-batch-size 16 --concurrency 1,4,16 --json $OUT/serve_load.json" ;;
     servelong) stage servelong 400 "for c in 512 3096; do python3 -m ulskip.bench.serve_load --model llama-2-7b --target-speedup 2 --max-batch-size 16 --concurrency 4,16 --prompt-len 1024:3000 --output-len 32:96 --prefill-chunk \$c --json $OUT/serve_long_chunk\$c.json || exit 1; done" ;;
+    floors) stage floors 200 "python3 -m ulskip.bench.floors --model llama-2-7b --batch 64 --prompt-len 128 --json $OUT/floors_7b.json" ;;
     pchunk) stage pchunk 200 "python3 -m ulskip.bench.prefill_chunks --model llama-2-7b --target-speedup 2 --length 2048 --chunk 512 --json $OUT/prefill_chunks.json" ;;
     tcomp)  stage tcomp 580 "$BENCH --model llama-2-7b --systems ulskip,torch-compile --json $OUT/tcomp.json" ;;
     tcomp1) stage tcomp1 300 "$BENCH --model llama-2-7b --systems ulskip,torch-compile --batch-sizes 1 --json $OUT/tcomp1.json" ;;
