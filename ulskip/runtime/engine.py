@@ -169,6 +169,9 @@ class Engine:
         # chunked prompt at a time (_chunk_row: its row and next position)
         self._chunk_cache, self._chunk_row, self._chunk_graphs = None, None, None
         self._graphs_on = graphs
+        # speculative decoding (runtime/speculative.py): per (batch, k, draft layers, EOS count) the state
+        # tensors and CUDA graph of a whole greedy round
+        self._spec_rounds = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
