@@ -171,7 +171,7 @@ class Engine:
         self._graphs_on = graphs
         # speculative decoding (runtime/speculative.py): per (batch, k, draft layers, EOS count) the state
         # tensors and CUDA graph of a whole greedy round
-        self._spec_rounds = {}
+        self._spec_rounds, self._spec_pool = {}, None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -245,6 +245,14 @@ class Engine:
         step = Step(positions=positions, cache=self.cache if cache is None else cache, decode=False)
         return self.model(tokens, step, self.prefill_layers, last_index=lengths - 1)
 
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the engine's device without waiting for the GPU: a copy from pageable memory
+        waits for the work queued before it, which stalls a host that runs ahead of the GPU (continuous
+        batching reads one step's tokens while the next runs); from pinned memory it is queued like a kernel."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     @property
     def staging(self) -> StagingCache:
         if self._staging is None:
@@ -316,8 +324,8 @@ class Engine:
         tokens = torch.zeros(n, T, dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.tensor(p)
-        tokens = tokens.to(self.device)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        tokens = self.to_device(tokens)
+        lengths = self.to_device(torch.tensor([len(p) for p in prompts]))
         if self.row_prefill_graphs is not None and self.row_prefill_graphs.fits(n, T):
             logits = self.row_prefill_graphs(tokens, lengths)
             staged = self.staging.view(*prefill_bucket(n, T, self.max_batch_size, self.max_seq_len))
@@ -358,12 +366,12 @@ class Engine:
                                                cfg.head_dim, self.dtype, self.device)
             if self._graphs_on:
                 self._chunk_graphs = ChunkGraphs(self._chunk_eager, self.max_seq_len, self.device)
-        tokens = torch.tensor([prompt[start:start + size]], device=self.device)
+        tokens = self.to_device(torch.tensor([prompt[start:start + size]]))
         if self._chunk_graphs is not None:
             logits = self._chunk_graphs(tokens, start)
         else:
             positions = torch.arange(start, start + size, device=self.device).unsqueeze(0)
-            logits = self._chunk_eager(tokens, positions, torch.tensor([size - 1], device=self.device))
+            logits = self._chunk_eager(tokens, positions, self.to_device(torch.tensor([size - 1])))
         self._chunk_row = (row, start + size)
         if start + size == len(prompt):
             self._chunk_row = None

@@ -105,7 +105,7 @@ class _Picked:
             self.host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
             self.host.copy_(chosen, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(chosen.device))
         else:
             self.host, self.event = chosen, None
 
@@ -219,6 +219,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the scheduler's thread
     def _loop(self) -> None:
+        if self.engine.device.type == "cuda":  # this thread's CUDA calls (events, streams) on the engine's GPU
+            torch.cuda.set_device(self.engine.device)
         with torch.inference_mode():
             while True:
                 with self.cond:
@@ -304,8 +306,8 @@ class Scheduler:
         if req.gen.do_sample and req.gen.seed is not None:
             req.rng = torch.Generator(device=e.device).manual_seed(req.gen.seed)
         if req.gen.penalized:
-            req.history = TokenHistory(torch.tensor([req.prompt], device=e.device),
-                                       torch.tensor([len(req.prompt)], device=e.device), req.gen.max_new_tokens)
+            req.history = TokenHistory(e.to_device(torch.tensor([req.prompt])),
+                                       e.to_device(torch.tensor([len(req.prompt)])), req.gen.max_new_tokens)
         if e.tokenizer is not None:
             req.text = IncrementalText(e.tokenizer)
         req.prefilled = req.position = len(req.prompt)
@@ -369,13 +371,8 @@ class Scheduler:
         return _Picked(reqs, chosen)
 
     def _ints(self, values: list[int]) -> torch.Tensor:
-        """Host ints to the device without waiting for the GPU: a copy from pageable memory would wait for
-        the work queued before it (the step just launched), and the host could not read the previous step's
-        tokens meanwhile; from pinned memory it is queued like a kernel."""
-        t = torch.tensor(values, dtype=torch.long)
-        if self.engine.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.engine.device, non_blocking=True)
+        """Host ints to the device without waiting for the GPU (Engine.to_device)."""
+        return self.engine.to_device(torch.tensor(values, dtype=torch.long))
 
     def _deliver(self, picked: list["_Picked"]) -> None:
         for p in picked:

@@ -163,7 +163,7 @@ class _LateFlag:
             return bool(done.all())
         host, event = self.slots[self.i]
         host.copy_(done.all().view(1), non_blocking=True)
-        event.record()
+        event.record(torch.cuda.current_stream(done.device))
         prev, self.pending, self.i = self.pending, (host, event), 1 - self.i
         if prev is None:
             return False
@@ -210,7 +210,7 @@ class _Rows:
         self.count.fill_(1)
         self.done.copy_(self.count >= self.max_new)
         if len(gen.eos_ids):
-            self.done |= torch.isin(self.first, self.eos)
+            self.done |= (self.first[:, None] == self.eos).any(-1)
         self.last.copy_(self.first)
         self.pos.copy_(lengths)
         self.ar = st["ar"]
@@ -227,7 +227,9 @@ class _Rows:
         self.row_rounds += live.sum()
         self.count += gained
         if self.eos.numel():
-            self.done |= (torch.isin(tokens, self.eos) & (self.ar <= n[:, None])).any(dim=1) & live
+            # not torch.isin: with many EOS ids it sorts through unique(), a host sync a capture refuses
+            hit = (tokens[..., None] == self.eos).any(-1)
+            self.done |= (hit & (self.ar <= n[:, None])).any(dim=1) & live
         self.done |= self.count >= self.max_new
         self.pos += torch.where(self.done, 0, gained)     # a finished row's position stays inside the cache
         self.last.copy_(tokens.gather(1, n[:, None]).squeeze(1))
@@ -271,10 +273,12 @@ def _capture_round(rows: _Rows):
                 t.copy_(v)
     torch.cuda.current_stream(rows.last.device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    if rows.engine._spec_pool is None:  # one pool for the engine's round graphs: they replay one at a time
+        rows.engine._spec_pool = torch.cuda.graph_pool_handle()
     collecting = gc.isenabled()
     gc.disable()  # see graphs._capture
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.device(rows.last.device), torch.cuda.graph(graph, pool=rows.engine._spec_pool):
             out = rows._advance(graphs=False)
     finally:
         if collecting:
