@@ -45,8 +45,29 @@ def parse(argv=None):
     p.add_argument("--precision", default="amp", choices=["amp", "bf16"])
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak for model FLOPs utilisation (default: 989 on an H100/H200 "
+                        "SXM, else none)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p.parse_args(argv)
+
+
+def model_flops_per_step(args, mode) -> float:
+    """The FLOPs a training step needs by the method, forward + backward (3x forward): each token through the
+    layers it runs (uls: prefix tokens through all layers, response tokens through the kept ones), causal
+    attention (2 x tokens before it x hidden per layer, forward), and the LM head on the tokens with a loss.
+    Work a mode does beyond that (e.g. plain transformers' logits of the prefix tokens) is overhead, not model
+    FLOPs: MFU = these / time / peak."""
+    from ulskip.schedule import uls_schedule
+    H, I, L, V, T = args.hidden, args.intermediate, args.layers, args.vocab, args.seq
+    kv = H // args.heads * args.kv_heads
+    layer = 2 * (H * (H + 2 * kv) + H * H + 3 * H * I)          # forward matmul FLOPs per token per layer
+    P = max(1, int(T * args.prefix_frac))
+    kept = len(uls_schedule(L, args.speedup)) if mode == "uls" else L
+    tokens_layers = P * L + (T - P) * kept                        # (token, layer) pairs the step runs
+    attn = 4 * H * (T * (T + 1) // 2) * tokens_layers / T          # QK^T and AV over the causal pairs
+    head = 2 * H * V * (T - P)
+    return 3.0 * args.batch * (tokens_layers * layer + attn + head)
 
 
 def build(args, mode, device, dtype):
@@ -115,7 +136,10 @@ def run_mode(args, mode, device, rank, world):
     sync()
     dt = time.perf_counter() - t0
     tokens = args.steps * args.batch * args.seq
+    flops = model_flops_per_step(args, mode) * args.steps / dt
     res = {"mode": mode, "params_M": n_params / 1e6, "step_ms": 1000 * dt / args.steps,
+           "model_TFLOPs_per_gpu": flops / 1e12,
+           "mfu": flops / (args.peak_tflops * 1e12) if args.peak_tflops else None,
            "tokens_per_s_per_gpu": tokens / dt, "tokens_per_s": tokens / dt * world,
            "loss": float(loss), "peak_mem_GiB": (torch.cuda.max_memory_allocated(device) / 2**30
                                                  if device.type == "cuda" else 0.0)}
@@ -140,6 +164,9 @@ def main(argv=None):
         import torch.distributed as dist
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.peak_tflops is None and device.type == "cuda" and any(
+            n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):
+        args.peak_tflops = 989.0  # NVIDIA's dense bf16 figure for H100 / H200 SXM
     results = []
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         results.append(run_mode(args, mode, device, rank, world))
@@ -157,11 +184,14 @@ def main(argv=None):
         print(f"device {dev}; torch {torch.__version__}, triton {triton.__version__}, "
               f"transformers {transformers.__version__}; {args.warmup} warmup + {args.steps} timed steps")
         base = results[0]["tokens_per_s"]
-        print(f"| mode | tokens/s (all GPUs) | tokens/s/GPU | ms/step | vs {results[0]['mode']} | peak GiB | loss |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"| mode | tokens/s (all GPUs) | tokens/s/GPU | ms/step | vs {results[0]['mode']} | model TFLOP/s/GPU | "
+              f"MFU | peak GiB | loss |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in results:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
             print(f"| {r['mode']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_per_gpu']:.0f} | {r['step_ms']:.1f} | "
-                  f"{r['tokens_per_s'] / base:.2f}x | {r['peak_mem_GiB']:.1f} | {r['loss']:.3f} |")
+                  f"{r['tokens_per_s'] / base:.2f}x | {r['model_TFLOPs_per_gpu']:.1f} | {mfu} | "
+                  f"{r['peak_mem_GiB']:.1f} | {r['loss']:.3f} |")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"args": vars(args), "world": world, "device": dev, "results": results}, f, indent=1)
