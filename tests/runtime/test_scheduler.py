@@ -250,6 +250,11 @@ def test_threaded_clients(eng):
         t.start()
     for d in done:
         assert d.wait(60)
+    # while its scheduler runs, the engine refuses direct generation (it would write the requests' rows)
+    with pytest.raises(RuntimeError, match="serves a running continuous-batching Scheduler"):
+        eng.generate([ps[0]], max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="one scheduler per engine"):
+        Scheduler(eng).start()
     sched.close()
     for p, r in zip(ps, results):
         assert r == eng.generate([p], max_new_tokens=7).sequences[0]

@@ -172,6 +172,7 @@ class Engine:
         # speculative decoding (runtime/speculative.py): per (batch, k, draft layers, EOS count) the state
         # tensors and CUDA graph of a whole greedy round
         self._spec_rounds, self._spec_pool = {}, None
+        self.serving = None  # the Scheduler whose thread runs this engine (runtime/scheduler.py), if any
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -558,6 +559,9 @@ class Engine:
 
     def _setup(self, prompts, call: dict):
         """Check one generate / stream call's arguments (nothing runs before they are all valid)."""
+        if self.serving is not None:
+            raise RuntimeError("this engine serves a running continuous-batching Scheduler, whose requests own "
+                               "its cache rows; submit through the scheduler (or close it first)")
         prompts = self._encode(prompts)
         stops = check_stop(call.get("stop"))
         keys = [k for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams",

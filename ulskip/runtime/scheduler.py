@@ -191,7 +191,11 @@ class Scheduler:
             self.cond.notify()
 
     def start(self) -> None:
-        """Run the scheduler on its own thread until close()."""
+        """Run the scheduler on its own thread until close(). Meanwhile the engine refuses generate / stream /
+        chat calls, which would write the cache rows of the running requests."""
+        if self.engine.serving is not None:
+            raise RuntimeError("the engine already serves a running Scheduler; one scheduler per engine")
+        self.engine.serving = self
         self._thread = threading.Thread(target=self._loop, name="ulskip-scheduler", daemon=True)
         self._thread.start()
 
@@ -212,6 +216,8 @@ class Scheduler:
                         r.cancelled = True
                 self.cond.notify()
             self._thread.join()
+            if self.engine.serving is self:
+                self.engine.serving = None
 
     @property
     def busy(self) -> int:
