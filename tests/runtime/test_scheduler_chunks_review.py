@@ -277,7 +277,6 @@ def emulated_graphs(monkeypatch):
         eng.graphs = DecodeGraphs(eng._decode_eager, eng.max_batch_size, eng.max_seq_len, eng.device)
         eng.prefill_graphs = PrefillGraphs(eng._prefill_eager, eng.max_batch_size, eng.max_seq_len, eng.device)
         eng.row_prefill_graphs = PrefillGraphs(eng._prefill_staging, eng.max_batch_size, eng.max_seq_len, eng.device)
-        eng._graphs_on = True
         return eng
     return graphify
 

@@ -168,7 +168,6 @@ class Engine:
         # kept ones), copied into the request's row after the last chunk; allocated on first use, one
         # chunked prompt at a time (_chunk_row: its row and next position)
         self._chunk_cache, self._chunk_row, self._chunk_graphs = None, None, None
-        self._graphs_on = graphs
         # speculative decoding (runtime/speculative.py): per (batch, k, draft layers, EOS count) the state
         # tensors and CUDA graph of a whole greedy round
         self._spec_rounds, self._spec_pool = {}, None
@@ -365,7 +364,7 @@ class Engine:
             cfg = self.cfg
             self._chunk_cache = CompactKVCache(self.prefill_layers, 1, cfg.num_kv_heads, self.max_seq_len,
                                                cfg.head_dim, self.dtype, self.device)
-            if self._graphs_on:
+            if self.graphs is not None:
                 self._chunk_graphs = ChunkGraphs(self._chunk_eager, self.max_seq_len, self.device)
         tokens = self.to_device(torch.tensor([prompt[start:start + size]]))
         if self._chunk_graphs is not None:
