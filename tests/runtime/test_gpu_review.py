@@ -23,7 +23,7 @@ import torch
 
 from ulskip import Engine
 from ulskip.runtime import scheduler as scheduler_module
-from ulskip.runtime.graphs import chunk_bucket, prefill_bucket
+from ulskip.runtime.graphs import length_bucket, prefill_bucket
 from ulskip.runtime.scheduler import Scheduler
 from helpers import make_checkpoint
 
@@ -169,7 +169,7 @@ def test_warm_up_covers_every_shape_the_scheduler_can_form(ckpt, max_seq_len, ma
                 missing.append((n, L, key))
     assert not missing
     if pc < S - 1:  # prompts longer than the budget run in chunks of 1..pc tokens
-        assert {chunk_bucket(m, S) for m in range(1, pc + 1)} <= set(eng._chunk_graphs.graphs)
+        assert {length_bucket(m, S) for m in range(1, pc + 1)} <= set(eng._chunk_graphs.graphs)
 
 
 # ---------------------------------------------------------------- speculative round graph

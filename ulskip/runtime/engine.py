@@ -28,7 +28,7 @@ from ulskip.runtime.graphs import (
     ChunkGraphs,
     DecodeGraphs,
     PrefillGraphs,
-    chunk_bucket,
+    length_bucket,
     prefill_bucket,
 )
 from ulskip.runtime.penalties import TokenHistory, apply_penalties_
@@ -283,8 +283,8 @@ class Engine:
             self.decode(torch.zeros(b, dtype=torch.long, device=self.device),
                         torch.zeros(b, dtype=torch.long, device=self.device))
         # the length buckets: powers of two from MIN_PREFILL_BUCKET, the last one capped at max_seq_len
-        lengths = sorted({chunk_bucket(1 << k, self.max_seq_len) for k in range(4, self.max_seq_len.bit_length() + 1)})
-        longest = chunk_bucket(min(prefill_chunk, self.max_seq_len), self.max_seq_len)  # one prompt's bucket
+        lengths = sorted({length_bucket(1 << k, self.max_seq_len) for k in range(4, self.max_seq_len.bit_length() + 1)})
+        longest = length_bucket(min(prefill_chunk, self.max_seq_len), self.max_seq_len)  # one prompt's bucket
         for b in self.graphs.sizes:
             for t in lengths:
                 fits = b * t <= prefill_chunk or (b == 1 and t <= longest)

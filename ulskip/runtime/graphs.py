@@ -37,13 +37,19 @@ def _batch_bucket(sizes: list[int], n: int) -> int:
     return next(s for s in sizes if s >= n)
 
 
+def length_bucket(n: int, max_seq_len: int) -> int:
+    """The padded length of n prompt tokens in a graph (a prompt pass or a chunk): a power of two, at
+    least MIN_PREFILL_BUCKET, at most max_seq_len."""
+    return min(max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()), max_seq_len)
+
+
 def prefill_bucket(n: int, length: int, max_batch_size: int, max_seq_len: int,
                    max_tokens: int = PREFILL_GRAPH_TOKENS) -> tuple[int, int] | None:
     """(batch bucket, padded length) of the graph that runs n prompts of up to `length` tokens, or None
     when the padded pass exceeds max_tokens (it then runs eagerly). Lengths round up to a power of two
     (at least MIN_PREFILL_BUCKET, at most max_seq_len), so few shapes are ever captured."""
     b = _batch_bucket(buckets(max_batch_size), n)
-    t = min(max(MIN_PREFILL_BUCKET, 1 << (length - 1).bit_length()), max_seq_len)
+    t = length_bucket(length, max_seq_len)
     return (b, t) if b * t <= max_tokens else None
 
 
@@ -155,11 +161,6 @@ def fill_static(tok: torch.Tensor, lens: torch.Tensor, tokens: torch.Tensor, len
     lens[:n].copy_(lengths)
 
 
-def chunk_bucket(n: int, max_seq_len: int) -> int:
-    """The padded length of a prompt chunk of n tokens: a power of two, at least MIN_PREFILL_BUCKET."""
-    return min(max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()), max_seq_len)
-
-
 class ChunkGraphs:
     """Chunks of a prompt pass in pieces (Engine.prefill_chunk), a graph per chunk-length bucket. A chunk
     writes one row of all prompt-pass layers and attends over the whole row under a position mask, so its
@@ -177,7 +178,7 @@ class ChunkGraphs:
         buffer). Padding runs at the positions after the chunk, which a later chunk or decode step writes
         before anything reads them; the CUDA cache write skips those past the row's end."""
         n = tokens.shape[1]
-        t = chunk_bucket(n, self.max_seq_len)
+        t = length_bucket(n, self.max_seq_len)
         if t not in self.buffers:
             self.buffers[t] = (torch.zeros(1, t, dtype=torch.long, device=self.device),
                                torch.zeros(1, t, dtype=torch.long, device=self.device),
