@@ -70,7 +70,6 @@ class Request:
     id: int = 0
     # state, owned by the scheduler's thread
     row: int | None = None
-    position: int = 0                 # where the next token's K/V goes (= tokens in the cache)
     prefilled: int = 0                # prompt tokens in the cache (a chunked prompt pass's progress)
     issued: int = 0                   # tokens chosen on the device (the host reads them a step later)
     tokens: list[int] = field(default_factory=list)
@@ -84,6 +83,11 @@ class Request:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def position(self) -> int:
+        """Where the next decode step's input token (the last one issued) goes in the cache."""
+        return len(self.prompt) + self.issued - 1
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -316,7 +320,7 @@ class Scheduler:
                                        e.to_device(torch.tensor([len(req.prompt)])), req.gen.max_new_tokens)
         if e.tokenizer is not None:
             req.text = IncrementalText(e.tokenizer)
-        req.prefilled = req.position = len(req.prompt)
+        req.prefilled = len(req.prompt)
 
     def _admit(self, reqs: list[Request], fresh: list) -> None:
         """Whole prompts, one pass into their rows, then each one's first token."""
@@ -352,8 +356,6 @@ class Scheduler:
         try:
             logits = e.decode(self._next[:n], self._ints(positions))
             self.steps += 1
-            for r in ready:
-                r.position += 1
             self._pending.append(self._pick(ready, logits, [r.row for r in ready]))
         except Exception as exc:
             self._fail(ready, exc)
