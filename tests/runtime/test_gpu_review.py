@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from ulskip import Engine
-from ulskip.runtime import scheduler as scheduler_module
+from ulskip.runtime import transfer as transfer_module
 from ulskip.runtime.graphs import length_bucket, prefill_bucket
 from ulskip.runtime.scheduler import Scheduler
 from helpers import make_checkpoint
@@ -124,13 +124,13 @@ def test_scheduler_steps_do_not_sync_the_host(ckpt):
     torch.tensor(list, device='cuda'), .item(), ...): one makes the host wait for the decode step launched
     in the previous step, and the overlap is gone. Known suspects: Engine.prefill_rows (tokens.to(device),
     torch.tensor(lengths, device=...)), Engine.prefill_chunk (torch.tensor([...], device=...)) and
-    Scheduler._begin's TokenHistory for penalized requests. Event.synchronize in _Picked.values is the one
+    Scheduler._begin's TokenHistory for penalized requests. Event.synchronize in HostCopy.values is the one
     intended wait (not reported by sync debug mode; its lines are ignored should it ever be)."""
     eng = _engine(ckpt)
     sched = Scheduler(eng, prefill_chunk=24)
     sched.warm_up()
     checks = _mix(eng, sched)
-    lines, start = inspect.getsourcelines(scheduler_module._Picked.values)
+    lines, start = inspect.getsourcelines(transfer_module.HostCopy.values)
     allowed = set(range(start, start + len(lines)))
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
@@ -142,7 +142,7 @@ def test_scheduler_steps_do_not_sync_the_host(ckpt):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
-                    and not (w.filename.endswith("scheduler.py") and w.lineno in allowed)})
+                    and not (w.filename.endswith("transfer.py") and w.lineno in allowed)})
     _verify(checks)
     assert not syncs, f"host syncs inside scheduler steps: {syncs}"
 

@@ -35,6 +35,7 @@ from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
 from ulskip.runtime.speculative import check_speculative, draft_layers, speculative_decode, speculative_stream
 from ulskip.runtime.text import SequenceEnds, check_stop, cut_at_stop
+from ulskip.runtime.transfer import to_device
 from ulskip.schedule import check_prefill, make_plan
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -245,14 +246,6 @@ class Engine:
         step = Step(positions=positions, cache=self.cache if cache is None else cache, decode=False)
         return self.model(tokens, step, self.prefill_layers, last_index=lengths - 1)
 
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the engine's device without waiting for the GPU: a copy from pageable memory
-        waits for the work queued before it, which stalls a host that runs ahead of the GPU (continuous
-        batching reads one step's tokens while the next runs); from pinned memory it is queued like a kernel."""
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
-
     @property
     def staging(self) -> StagingCache:
         if self._staging is None:
@@ -324,8 +317,8 @@ class Engine:
         tokens = torch.zeros(n, T, dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.tensor(p)
-        tokens = self.to_device(tokens)
-        lengths = self.to_device(torch.tensor([len(p) for p in prompts]))
+        tokens = to_device(tokens, self.device)
+        lengths = to_device(torch.tensor([len(p) for p in prompts]), self.device)
         if self.row_prefill_graphs is not None and self.row_prefill_graphs.fits(n, T):
             logits = self.row_prefill_graphs(tokens, lengths)
             staged = self.staging.view(*prefill_bucket(n, T, self.max_batch_size, self.max_seq_len))
@@ -366,12 +359,12 @@ class Engine:
                                                cfg.head_dim, self.dtype, self.device)
             if self.graphs is not None:
                 self._chunk_graphs = ChunkGraphs(self._chunk_eager, self.max_seq_len, self.device)
-        tokens = self.to_device(torch.tensor([prompt[start:start + size]]))
+        tokens = to_device(torch.tensor([prompt[start:start + size]]), self.device)
         if self._chunk_graphs is not None:
             logits = self._chunk_graphs(tokens, start)
         else:
             positions = torch.arange(start, start + size, device=self.device).unsqueeze(0)
-            logits = self._chunk_eager(tokens, positions, self.to_device(torch.tensor([size - 1])))
+            logits = self._chunk_eager(tokens, positions, to_device(torch.tensor([size - 1]), self.device))
         self._chunk_row = (row, start + size)
         if start + size == len(prompt):
             self._chunk_row = None

@@ -42,6 +42,7 @@ from ulskip.runtime.generation import GenerationConfig
 from ulskip.runtime.penalties import TokenHistory, apply_penalties_
 from ulskip.runtime.sampling import sample
 from ulskip.runtime.text import IncrementalText, check_stop, find_stop
+from ulskip.runtime.transfer import HostCopy, to_device
 
 
 class QueueFull(RuntimeError):
@@ -100,23 +101,13 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 class _Picked:
-    """Tokens chosen on the device for some requests, on their way to the host: a non-blocking copy into
-    pinned memory and an event, so reading them waits for that copy only, not for work queued after it."""
+    """Tokens chosen on the device for some requests, on their way to the host (HostCopy)."""
 
     def __init__(self, reqs: list[Request], chosen: torch.Tensor):
-        self.reqs = reqs
-        if chosen.is_cuda:
-            self.host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
-            self.host.copy_(chosen, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(chosen.device))
-        else:
-            self.host, self.event = chosen, None
+        self.reqs, self.copy = reqs, HostCopy(chosen)
 
     def values(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
+        return self.copy.values()
 
 
 class Scheduler:
@@ -316,8 +307,8 @@ class Scheduler:
         if req.gen.do_sample and req.gen.seed is not None:
             req.rng = torch.Generator(device=e.device).manual_seed(req.gen.seed)
         if req.gen.penalized:
-            req.history = TokenHistory(e.to_device(torch.tensor([req.prompt])),
-                                       e.to_device(torch.tensor([len(req.prompt)])), req.gen.max_new_tokens)
+            req.history = TokenHistory(to_device(torch.tensor([req.prompt]), e.device),
+                                       to_device(torch.tensor([len(req.prompt)]), e.device), req.gen.max_new_tokens)
         if e.tokenizer is not None:
             req.text = IncrementalText(e.tokenizer)
         req.prefilled = len(req.prompt)
@@ -379,8 +370,8 @@ class Scheduler:
         return _Picked(reqs, chosen)
 
     def _ints(self, values: list[int]) -> torch.Tensor:
-        """Host ints to the device without waiting for the GPU (Engine.to_device)."""
-        return self.engine.to_device(torch.tensor(values, dtype=torch.long))
+        """Host ints to the device without waiting for the GPU."""
+        return to_device(torch.tensor(values, dtype=torch.long), self.engine.device)
 
     def _deliver(self, picked: list["_Picked"]) -> None:
         for p in picked:

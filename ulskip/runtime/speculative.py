@@ -33,6 +33,7 @@ from ulskip.arguments import integer, number
 from ulskip.kernels.decode_attention import MAX_VERIFY_TOKENS
 from ulskip.runtime.sampling import draw, probabilities
 from ulskip.runtime.text import SequenceEnds
+from ulskip.runtime.transfer import HostCopy
 from ulskip.schedule import trained_schedule, uls_schedule
 
 MAX_DRAFT_TOKENS = MAX_VERIFY_TOKENS - 1  # the verify pass holds the last accepted token and the drafts
@@ -152,23 +153,14 @@ class _LateFlag:
     the round before it, which the GPU has finished (or nearly) by the time the next one is queued."""
 
     def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.slots = [(torch.zeros(1, dtype=torch.bool, pin_memory=True), torch.cuda.Event()) for _ in range(2)]
-        self.i, self.pending = 0, None
+        self.cuda, self.pending = device.type == "cuda", None
 
     def push(self, done: torch.Tensor) -> bool:
         """Queue this round's flag; True once an earlier round's flag says every row is finished."""
         if not self.cuda:
             return bool(done.all())
-        host, event = self.slots[self.i]
-        host.copy_(done.all().view(1), non_blocking=True)
-        event.record(torch.cuda.current_stream(done.device))
-        prev, self.pending, self.i = self.pending, (host, event), 1 - self.i
-        if prev is None:
-            return False
-        prev[1].synchronize()
-        return bool(prev[0][0])
+        prev, self.pending = self.pending, HostCopy(done.all().view(1))
+        return prev is not None and bool(prev.values()[0])
 
 
 class _Rows:
