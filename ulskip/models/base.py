@@ -69,38 +69,35 @@ def attention(q, k, v, step: Step, layer: int, scale: float, slopes=None, rope: 
 def prefill_attention(q, k, v, scale, slopes=None):
     """Causal self-attention of a prompt that starts at position 0 (right padding is harmless: pads
     come after every real token). Through torch's SDPA, which picks flash/memory-efficient kernels."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-    if k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    if slopes is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    else:  # ALiBi: bias slope_h * j, plus the causal mask
-        T = q.shape[2]
-        j = torch.arange(T, device=q.device)
-        bias = slopes.to(q.device).view(-1, 1, 1) * j.view(1, 1, T).float()
-        bias = bias.masked_fill(j.view(1, 1, T) > j.view(1, T, 1), float("-inf")).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
-    return out.transpose(1, 2)
+    return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, slopes).transpose(1, 2)
 
 
 def chunk_attention(q, k_cache, v_cache, positions, scale, slopes=None):
     """A chunk of a prompt pass in pieces: q [B, T, Hq, D] at `positions` [B, T] over the whole cache rows
     [B, Hkv, S, D] (the chunk's own K/V written first), key j visible to a query at position p when j <= p.
     Shapes do not depend on where the chunk starts, so one CUDA graph per chunk length serves every chunk."""
-    q = q.transpose(1, 2)
-    if k_cache.shape[1] != q.shape[1]:
-        k_cache = k_cache.repeat_interleave(q.shape[1] // k_cache.shape[1], dim=1)
-        v_cache = v_cache.repeat_interleave(q.shape[1] // v_cache.shape[1], dim=1)
-    S = k_cache.shape[2]
-    j = torch.arange(S, device=q.device)
-    visible = (j.view(1, 1, S) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, S]
-    if slopes is None:
-        mask = visible
-    else:  # ALiBi: the prompt pass's bias slope_h * j over absolute key positions
-        bias = slopes.to(q.device).view(1, -1, 1, 1) * j.view(1, 1, 1, S).float()
+    j = torch.arange(k_cache.shape[2], device=q.device)
+    visible = (j.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, S]
+    return _attend(q.transpose(1, 2), k_cache, v_cache, scale, slopes, visible).transpose(1, 2)
+
+
+def _attend(q, k, v, scale, slopes=None, visible=None):
+    """SDPA of q [B, Hq, T, D] over k, v [B, Hkv, S, D] (GQA: each KV head repeated for its query heads).
+    visible: bool [B or 1, 1, T, S] (None: causal from position 0, flash attention where no ALiBi);
+    ALiBi adds slope_h * j for key position j."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if visible is None:
+        if slopes is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        j = torch.arange(q.shape[2], device=q.device)
+        visible = (j.view(1, -1) <= j.view(-1, 1)).view(1, 1, q.shape[2], q.shape[2])
+    mask = visible
+    if slopes is not None:
+        bias = slopes.to(q.device).view(1, -1, 1, 1) * torch.arange(k.shape[2], device=q.device).view(1, 1, 1, -1).float()
         mask = bias.masked_fill(~visible, float("-inf")).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=scale).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class DecoderLM(nn.Module):
