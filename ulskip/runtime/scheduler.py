@@ -358,7 +358,8 @@ class Scheduler:
         for r, i in zip(reqs, index):
             if r.history is not None:
                 apply_penalties_(logits[i:i + 1], r.history, r.gen.repetition_penalty, r.gen.no_repeat_ngram_size)
-        chosen = torch.argmax(logits.index_select(0, self._ints(index)), dim=-1)
+        idx = self._ints(index)
+        chosen = torch.argmax(logits.index_select(0, idx), dim=-1)
         for k, (r, i) in enumerate(zip(reqs, index)):
             if r.gen.do_sample:
                 chosen[k] = sample(logits[i:i + 1], r.gen.temperature, r.gen.top_k, r.gen.top_p, r.rng)[0]
@@ -366,7 +367,8 @@ class Scheduler:
             if r.history is not None:
                 r.history.append(chosen[k:k + 1])
             r.issued += 1
-        self._next.index_copy_(0, self._ints([r.row for r in reqs]), chosen)
+        rows = [r.row for r in reqs]
+        self._next.index_copy_(0, idx if rows == index else self._ints(rows), chosen)  # decode: the same list
         return _Picked(reqs, chosen)
 
     def _ints(self, values: list[int]) -> torch.Tensor:
