@@ -21,6 +21,8 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.length < 1 or args.chunk < 1:
+        raise SystemExit(f"prefill_chunks: --length and --chunk must be >= 1, got {args.length} and {args.chunk}")
     import torch
 
     from ulskip import Engine

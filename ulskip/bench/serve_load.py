@@ -109,6 +109,8 @@ def main(argv=None):
     olo, ohi = (int(x) for x in args.output_len.split(":"))
     if min(levels) < 1 or not 1 <= plo <= phi or not 1 <= olo <= ohi:
         raise SystemExit("serve_load: concurrency >= 1 and LO <= HI lengths >= 1 are required")
+    if args.prefill_chunk < 1:
+        raise SystemExit(f"serve_load: --prefill-chunk must be >= 1, got {args.prefill_chunk}")
     device = _parse_device(args.device)
     dtype = _parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg, _, note = resolve_model(args.model)
