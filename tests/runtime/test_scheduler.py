@@ -122,6 +122,8 @@ def test_waiting_prompts_share_one_pass(eng, monkeypatch):
 def test_warm_up_is_a_no_op_without_graphs_and_refused_once_running(eng):
     sched = Scheduler(eng, prefill_chunk=8)
     assert sched.warm_up() == 0  # CPU: nothing to capture
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive integer"):
+        eng.capture_graphs(0)
     got, emit = collect()
     sched.request([5, 6, 7], emit, max_new_tokens=3, eos_token_id=[])
     with pytest.raises(RuntimeError, match="before the scheduler starts"):

@@ -264,6 +264,7 @@ class Engine:
         within the budget, and chunks per length bucket when prompts can be longer than the budget. Each is
         otherwise captured the first time it is needed, while requests wait (~150 ms for a 7B model). Writes
         cache rows: call it before any sequence is live. -> the number of graphs captured (0 without graphs)."""
+        prefill_chunk = integer("prefill_chunk", prefill_chunk, 1, what="a positive integer (prompt tokens per step)")
         if self.graphs is None:
             return 0
 
