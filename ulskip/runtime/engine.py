@@ -358,6 +358,8 @@ class Engine:
             cfg = self.cfg
             self._chunk_cache = CompactKVCache(self.prefill_layers, 1, cfg.num_kv_heads, self.max_seq_len,
                                                cfg.head_dim, self.dtype, self.device)
+            # the decode cache's layers within it, a device index made once: a list index is a pageable copy
+            self._chunk_slots = torch.tensor([self._chunk_cache.slot[i] for i in self.kept_layers], device=self.device)
             if self.graphs is not None:
                 self._chunk_graphs = ChunkGraphs(self._chunk_eager, self.max_seq_len, self.device)
         tokens = to_device(torch.tensor([prompt[start:start + size]]), self.device)
@@ -369,7 +371,7 @@ class Engine:
         self._chunk_row = (row, start + size)
         if start + size == len(prompt):
             self._chunk_row = None
-            n, slots = len(prompt), [self._chunk_cache.slot[i] for i in self.kept_layers]
+            n, slots = len(prompt), self._chunk_slots
             self.cache.k[:, row, :, :n] = self._chunk_cache.k[slots, 0, :, :n]
             self.cache.v[:, row, :, :n] = self._chunk_cache.v[slots, 0, :, :n]
         return logits
