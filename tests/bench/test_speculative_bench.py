@@ -3,6 +3,8 @@ all-layers baseline), a cost run on a named shape projected at that acceptance, 
 --systems speculative`. Their numbers mean nothing here; that they run and report consistently is the point."""
 import json
 
+import pytest
+
 from helpers import make_checkpoint, records, write_jsonl
 from ulskip.bench import speculative
 from ulskip.cli import main
@@ -15,7 +17,9 @@ def test_real_and_cost_runs(tmp_path, capsys):
     assert speculative.main(["real", "--model", ckpt, "--data", str(tmp_path / "test.jsonl"), "--batch-sizes", "1,4",
                              "--draft-speedups", "2", "--num-draft-tokens", "2,3", "--max-new-tokens", "8",
                              "--device", "cpu", "--dtype", "fp32", "--json", str(real), "--quiet-warnings", "--max-seq-len", "128"]) == 0
-    rows = json.load(open(real))["rows"]
+    result = json.load(open(real))
+    assert result["meta"]["complete"] is True and result["meta"]["dtype"] == "float32"  # what ran
+    rows = result["rows"]
     spec = [r for r in rows if r["system"] == "speculative"]
     assert len(spec) == 4 and all(r["identical_sequences"] == r["sequences"] == 6 for r in spec)  # fp32: exact
     assert all(1 <= r["tokens_per_verify"] <= r["num_draft_tokens"] + 1 for r in spec)
@@ -29,6 +33,27 @@ def test_real_and_cost_runs(tmp_path, capsys):
     assert speculative.main(["project", "--cost", str(cost), "--acceptance", str(real)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + 4 and all(line.endswith("x |") for line in table[2:])  # every row projected
+
+
+def test_real_keeps_finished_rows_when_stopped(tmp_path, monkeypatch):
+    """A run its time limit kills (the H200's stage timeout) keeps the rows it finished, marked incomplete."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "llama", num_layers=4)
+    write_jsonl(tmp_path / "test.jsonl", records()[:4])
+    real, calls, generate = tmp_path / "real.json", [], speculative._generate
+
+    def stop_on_the_fifth(*a, **kw):  # warm-up + 2 repeats of all layers, then the first speculative row's 3
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return generate(*a, **kw)
+    monkeypatch.setattr(speculative, "_generate", stop_on_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        speculative.main(["real", "--model", ckpt, "--data", str(tmp_path / "test.jsonl"), "--batch-sizes", "2",
+                          "--draft-speedups", "2", "--num-draft-tokens", "2", "--max-new-tokens", "4", "--device",
+                          "cpu", "--dtype", "fp32", "--json", str(real), "--quiet-warnings", "--max-seq-len", "64"])
+    result = json.load(open(real))
+    assert result["meta"]["complete"] is False
+    assert [r["system"] for r in result["rows"]] == ["all layers"]
 
 
 def test_bench_speculative_system(tmp_path, capsys):

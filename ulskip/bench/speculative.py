@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from ulskip.bench.report import write_json
 from ulskip.bench.timing import timed
 
 
@@ -35,12 +36,19 @@ def _floats(s):
     return [float(x) for x in s.split(",") if x.strip()]
 
 
-def _meta(args, device):
+def _meta(args, device, dtype):
     import transformers
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "argv": sys.argv,
-            "dtype": args.dtype}
+            "dtype": str(dtype).removeprefix("torch.")}  # what ran, not the flag (None = the checkpoint's)
+
+
+def _save(path, meta, rows, complete):
+    """Rewritten after every row ("complete": false until the end): a run its time limit stops keeps
+    the rows it finished."""
+    if path:
+        write_json(path, rows, {**meta, "complete": complete})
 
 
 def _generate(eng, prompts, batch, spec, max_new, eos):
@@ -68,6 +76,8 @@ def cmd_real(args):
     recs = read_records([args.data], limit=args.records)
     prompts = [ex["prompt"] for ex in tokenize(eng.tokenizer, recs)]
     eos = eng.eos_token_ids or None
+    meta = {**_meta(args, device, eng.dtype), "model": args.model, "data": args.data, "records": len(prompts),
+            "max_new_tokens": args.max_new_tokens, "repeats": args.repeats}
     rows = []
     for b in _ints(args.batch_sizes):
         _generate(eng, prompts[:b], b, None, args.max_new_tokens, eos)  # warm-up: graphs captured
@@ -76,6 +86,7 @@ def cmd_real(args):
                           key=lambda r: r[0])
         n0 = sum(len(s) for s in base)
         rows.append({"batch_size": b, "system": "all layers", "tokens": n0, "seconds": t0, "tokens_per_s": n0 / t0})
+        _save(args.json, meta, rows, False)
         print(f"bs {b:3d}  all layers               {n0 / t0:9.1f} tok/s", flush=True)
         for s in _floats(args.draft_speedups):
             for k in _ints(args.num_draft_tokens):
@@ -94,14 +105,11 @@ def cmd_real(args):
                        "tokens_per_verify": (st["accepted_drafts"] + rr) / rr if rr else None,
                        "rounds": st["rounds"], "identical_sequences": same, "sequences": len(seqs)}
                 rows.append(row)
+                _save(args.json, meta, rows, False)
                 print(f"bs {b:3d}  draft {s:g}x k={k}  {row['tokens_per_s']:9.1f} tok/s  {row['speedup']:.2f}x  "
                       f"accept {row['acceptance_rate']:.3f}  tok/verify {row['tokens_per_verify']:.2f}  "
                       f"identical {same}/{len(seqs)}", flush=True)
-    out = {"meta": {**_meta(args, device), "model": args.model, "data": args.data, "records": len(prompts),
-                    "max_new_tokens": args.max_new_tokens, "repeats": args.repeats}, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    _save(args.json, meta, rows, True)
     return 0
 
 
@@ -120,6 +128,9 @@ def cmd_cost(args):
                     real[(r["batch_size"], r["draft_speedup"], r["num_draft_tokens"])] = r["tokens_per_verify"]
     P, N = args.prompt_len, args.new_tokens
     g = torch.Generator().manual_seed(0)
+    meta = {**_meta(args, device, dtype), "model": args.model, "prompt_len": P, "new_tokens": N,
+            "acceptance_from": args.acceptance,
+            "note": "random weights: round costs measured; speedups projected at the acceptance of --acceptance"}
     rows = []
     for b in _ints(args.batch_sizes):
         eng = Engine.from_hf_model(hf, target_speedup=1, max_batch_size=b, max_seq_len=P + N + 16)
@@ -134,6 +145,7 @@ def cmd_cost(args):
         tn, _ = timed(lambda: run(None, N), device)
         step = (tn - t1) / (N - 1)
         rows.append({"batch_size": b, "system": "all layers", "ms_per_step": step * 1e3})
+        _save(args.json, meta, rows, False)
         print(f"bs {b:3d}  all layers: {step * 1e3:.3f} ms per step", flush=True)
         for s in _floats(args.draft_speedups):
             for k in _ints(args.num_draft_tokens):
@@ -150,18 +162,13 @@ def cmd_cost(args):
                        "real_tokens_per_verify": tpv,
                        "projected_speedup": tpv * step / per_round if tpv else None}
                 rows.append(row)
+                _save(args.json, meta, rows, False)
                 proj = f"projected {row['projected_speedup']:.2f}x at {tpv:.2f} tok/verify" if tpv else ""
                 print(f"bs {b:3d}  draft {s:g}x k={k}: {per_round * 1e3:.3f} ms per round = "
                       f"{per_round / step:.2f} steps  {proj}", flush=True)
         eng = run = None  # free this batch size's engine (its cache and graphs) before the next
         torch.cuda.empty_cache()
-    out = {"meta": {**_meta(args, device), "model": args.model, "prompt_len": P, "new_tokens": N,
-                    "acceptance_from": args.acceptance,
-                    "note": "random weights: round costs measured; speedups projected at the acceptance of --acceptance"},
-           "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    _save(args.json, meta, rows, True)
     return 0
 
 
