@@ -210,7 +210,8 @@ def main(argv=None):
         p.add_argument("--batch-sizes", default="1,8,32")
         p.add_argument("--draft-speedups", default="2,3")
         p.add_argument("--num-draft-tokens", default="2,3,4,5,6,8")
-        p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: the checkpoint's on a GPU)")
+        p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: real = the engine's "
+                       "default, bf16 for an fp32 checkpoint on a GPU; cost = bf16)")
         p.add_argument("--device", default=None)
         p.add_argument("--json", default=None)
     r = sub.choices["real"]

@@ -32,8 +32,8 @@ def add_arguments(p):
     p.add_argument("--no-perplexity", action="store_true",
                    help="skip the teacher-forced perplexity (default: off, compute it)")
     p.add_argument("--dtype", default=None,
-                   help="fp32, fp16 or bf16 (also float32, float16, half, bfloat16) (default: the checkpoint's "
-                        "dtype on a GPU, fp32 on the CPU)")
+                   help="fp32, fp16 or bf16 (also float32, float16, half, bfloat16) (default: on a GPU the "
+                        "checkpoint's fp16/bf16, bf16 for an fp32 one; fp32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="write metrics, settings and hypotheses as JSON (default: none)")

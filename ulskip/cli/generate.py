@@ -31,8 +31,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=None,
                    help="sampling seed in [0, 2**63-1] (default: none, torch's global generator)")
     p.add_argument("--dtype", default=None,
-                   help="fp32, fp16 or bf16 (also float32, float16, half, bfloat16) (default: the checkpoint's "
-                        "dtype on a GPU, fp32 on the CPU)")
+                   help="fp32, fp16 or bf16 (also float32, float16, half, bfloat16) (default: on a GPU the "
+                        "checkpoint's fp16/bf16, bf16 for an fp32 one; fp32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--no-eos", action="store_true",
                    help="ignore the end tokens (default: off, stop at the tokenizer's EOS and the eos_token_id of "

@@ -30,7 +30,8 @@ def add_arguments(p):
                    help="prompt tokens run between two decode steps, >= 1: waiting prompts that fit share one pass, "
                         "a longer prompt runs in chunks of this size (default %(default)s)")
     p.add_argument("--dtype", default=None,
-                   help="fp32, fp16 or bf16 (default: the checkpoint's dtype on a GPU, fp32 on the CPU)")
+                   help="fp32, fp16 or bf16 (default: on a GPU the checkpoint's fp16/bf16, bf16 for an fp32 one; "
+                        "fp32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish on shutdown before they are cancelled (default "

@@ -73,6 +73,19 @@ def _parse_dtype(dtype):
     return DTYPES[dtype]
 
 
+def default_dtype(checkpoint_dtype, device: torch.device) -> torch.dtype:
+    """The dtype a checkpoint runs in when none is given. On a GPU its own half-precision dtype, and bf16
+    for a float32 one (what `ulskip train` saves: fp32 master weights), as vLLM's "auto" casts fp32 to half:
+    decoding is bound by the bytes read per step, and fp32 reads twice as many (fp16 where the GPU lacks
+    bf16). On the CPU float32, the reference the exactness tests compare against transformers."""
+    if device.type != "cuda":
+        return torch.float32
+    if checkpoint_dtype in (torch.float16, torch.bfloat16):
+        return checkpoint_dtype
+    with torch.cuda.device(device):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def _parse_device(device) -> torch.device:
     """cpu, cuda or cuda:N (available), as a string or torch.device; None: cuda when available."""
     if device is None:
@@ -185,13 +198,12 @@ class Engine:
         that section all layers are kept. strategy: the layer policy for target_speedup (ulskip.schedule:
         paper/uls, even, early-exit, shortgpt with block_influence, random with layer_seed); None: the
         schedule the checkpoint was fine-tuned for at target_speedup (one of a several-speedups fine-tune's),
-        else the paper's rule."""
+        else the paper's rule. dtype None: default_dtype (on a GPU bf16 for a float32 checkpoint)."""
         cfg = load_config(path)
         plan = make_plan(cfg.num_layers, target_speedup, schedule, prefill, strategy, cfg.ulskip, layer_seed,
                          block_influence)
         device = _parse_device(device)
-        dtype = _parse_dtype(dtype) or (cfg.torch_dtype if device.type == "cuda" and cfg.torch_dtype in DTYPES.values()
-                                        else torch.float32)
+        dtype = _parse_dtype(dtype) or default_dtype(cfg.torch_dtype, device)
         model = build_model(cfg, plan.load_layers, CheckpointTensors(path), dtype, device, where=repr(path))
         max_seq_len = _default_max_seq_len(cfg) if max_seq_len is None else max_seq_len
         return cls(model, plan.kept_layers, plan.prefill, max_batch_size, max_seq_len, load_tokenizer(path),
