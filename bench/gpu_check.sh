@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command every GPU run uses: build, GPU tests, kernel and engine benchmarks, logs under $OUT.
 #   bash bench/gpu_check.sh STAGE...   stages: build test kbench quick llama llamac bloom bloomc train
-# train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile, recheck = short ulskip vs HF eager re-run,
+# train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile (dtprof: of a real checkpoint, PROF_CKPT,
+# in fp32 and bf16, with whole generate() calls against their steps: why fp32 SmolLM2 decodes ~6x slower), recheck = short ulskip vs HF eager re-run,
 # gemv = Triton GEMV vs cuBLAS probe, gemvf = the fused batch-1 GEMV of kernels/gemv.py with a config sweep
 # (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile,
 # quick/bloomu = ulskip rows only, to merge with earlier baseline rows: ulskip bench --merge;
@@ -66,6 +67,7 @@ for s in "${STAGES[@]}"; do
     study)  stage study 580 "python3 -m ulskip.bench.quality run --model $STUDY_MODEL --data $STUDY_DATA --out $STUDY_OUT --steps $STUDY_STEPS $STUDY_ARGS" ;;
     deepspeed) stage deepspeed 540 "python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/dsite .whl3/*.whl .whl2/pydantic-*.whl .whl2/pydantic_core-*.whl .whl2/annotated_types-*.whl .whl2/typing_inspection-*.whl .whl2/typing_extensions-*.whl && PYTHONPATH=/tmp/dsite${PYTHONPATH:+:$PYTHONPATH} python3 -m ulskip.bench.deepspeed_compare run --model ${ZERO_MODEL:-/root/smollm2} --train-file ${ZERO_DATA:-/root/data-fr/train.jsonl} --out $OUT/deepspeed ${ZERO_ARGS:-}" ;;
     prof)   stage prof 120 "python3 -m ulskip.bench.profile_decode" ;;
+    dtprof) stage dtprof 200 "for d in fp32 bf16; do python3 -m ulskip.bench.profile_decode --checkpoint ${PROF_CKPT:-/root/smollm2} --dtype \$d || exit 1; done" ;;
     gemv)   stage gemv 150 "python3 -m ulskip.bench.gemv_probe" ;;
     gemvf)  stage gemvf 300 "python3 -m ulskip.bench.gemv_probe --fused" ;;
     *) echo "unknown stage $s"; exit 2 ;;

@@ -2,6 +2,7 @@
 prompt pass eager against its CUDA graph.
 
     python -m ulskip.bench.profile_decode [--model llama-2-7b] [--batch 1] [--speedup 1]
+    python -m ulskip.bench.profile_decode --checkpoint PATH [--dtype fp32]   # a real folder, any dtype
 
 1. One eager decode step of the engine under torch.profiler: GPU time per kernel family, their sum,
    and the step time of the CUDA-graph replay (so launch gaps = replay time - kernel sum).
@@ -9,6 +10,9 @@ prompt pass eager against its CUDA graph.
    each captured in a CUDA graph and replayed, so launch overhead is not counted.
 3. The prompt pass of the same batch (128 tokens each, all layers with prefill="full"): launched from
    Python (eager) against the replay of its CUDA graph (ulskip/runtime/graphs.py), and its kernel time sum.
+4. Whole generate() calls of 24 new tokens: their wall time against prompt pass + 23 graph steps, so that
+   per-call costs outside the step (captures, allocations, syncs) show. With --checkpoint, sections 1, 3
+   and 4 run on that model (the fp32 SmolLM2 fine-tune decoded ~6x slower than bf16 on the H200).
 """
 import argparse
 import collections
@@ -26,11 +30,19 @@ def main():
     ap.add_argument("--model", default="llama-2-7b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--speedup", type=float, default=1)
+    ap.add_argument("--checkpoint", default=None, help="a local checkpoint folder instead of --model's shape")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     args = ap.parse_args()
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    hf = build_hf_model(args.model, dev, dt)
-    eng = Engine.from_hf_model(hf, target_speedup=args.speedup, max_batch_size=args.batch, max_seq_len=256)
-    del hf
+    dev = torch.device("cuda")
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.checkpoint:
+        eng = Engine.from_pretrained(args.checkpoint, target_speedup=args.speedup, dtype=dt, device=dev,
+                                     max_batch_size=args.batch, max_seq_len=256)
+        args.model = args.checkpoint
+    else:
+        hf = build_hf_model(args.model, dev, dt)
+        eng = Engine.from_hf_model(hf, target_speedup=args.speedup, max_batch_size=args.batch, max_seq_len=256)
+        del hf
     torch.cuda.empty_cache()
     B = args.batch
     prompts = [list(range(3, 131))] * B
@@ -51,7 +63,7 @@ def main():
             kernels[name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
             counts[name] += 1
     total = sum(kernels.values())
-    print(f"{args.model} bs{B} speedup {args.speedup}: CUDA-graph step {replay_us:.0f} us, "
+    print(f"{args.model} {args.dtype} bs{B} speedup {args.speedup}: CUDA-graph step {replay_us:.0f} us, "
           f"kernel time sum {total:.0f} us over {sum(counts.values())} kernels "
           f"(gaps ~{replay_us - total:.0f} us)")
     print("| kernel | calls | us | % |\n|---|---|---|---|")
@@ -59,6 +71,9 @@ def main():
         print(f"| {name} | {counts[name]} | {us:.0f} | {100 * us / total:.1f} |")
 
     prefill_report(eng, prompts, dev)
+    generate_report(eng, prompts, replay_us)
+    if args.checkpoint:
+        return
 
     print("\ndecode attention alone, B=%d Hq=Hkv=32 D=128 S=256, 192 visible keys (graph replay)" % B)
     print("| splits | us |\n|---|---|")
@@ -85,6 +100,21 @@ def prefill_report(eng, prompts, dev):
     print(f"\nprompt pass, {tokens.shape[0]} x {tokens.shape[1]} tokens through {len(eng.prefill_layers)} layers: "
           f"eager {eager_us / 1e3:.2f} ms, CUDA graph {graph_us_ / 1e3:.2f} ms, "
           f"kernel time sum {ksum / 1e3:.2f} ms over {len(cuda)} kernels")
+
+
+def generate_report(eng, prompts, step_us):
+    """Whole generate() calls against the sum of their parts: what a call costs beyond its steps."""
+    n = 24
+    eng.generate(prompts, max_new_tokens=n, eos_token_id=[])
+    call_us = events_us(lambda: eng.generate(prompts, max_new_tokens=n, eos_token_id=[]), iters=10)
+    tokens = torch.tensor(prompts, device=eng.device)
+    lengths = torch.full((len(prompts),), tokens.shape[1], device=eng.device)
+    with torch.inference_mode():
+        pass_us = events_us(lambda: eng.prefill(tokens, lengths), iters=10)
+    parts = pass_us + (n - 1) * step_us
+    print(f"\ngenerate({len(prompts)} x {tokens.shape[1]} tokens, {n} new): {call_us / 1e3:.2f} ms per call; "
+          f"prompt pass {pass_us / 1e3:.2f} ms + {n - 1} steps x {step_us:.0f} us = {parts / 1e3:.2f} ms; "
+          f"outside them {(call_us - parts) / 1e3:.2f} ms")
 
 
 if __name__ == "__main__":
