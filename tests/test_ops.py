@@ -57,3 +57,12 @@ def test_ops_dispatch_matches():
     o = ops.decode_attention(qr[:, 0], kc, vc, lens, 0.125)
     assert_close(o, attn_oracle(qr[:, 0], kc, vc, lens, 0.125),
                  kattn.decode_attention_ref(qr[:, 0], kc, vc, lens, 0.125), torch.float32)
+
+
+def test_fp32_projections_go_to_cublas(monkeypatch):
+    """At decode sizes the fused GEMV takes fp16/bf16 rows only; fp32 ones go to torch (cuBLAS on a GPU),
+    whatever the backend rule says (here forced on, so that the CPU can check the choice)."""
+    monkeypatch.setattr(ops, "use_triton", lambda t, interpreter=False: True)
+    for dtype, fused in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)):
+        assert ops._gemv_ok(torch.empty(3, 64, dtype=dtype)) is fused, dtype
+    assert not ops._gemv_ok(torch.empty(40, 64, dtype=torch.bfloat16))  # past MAX_ROWS rows: cuBLAS
