@@ -124,6 +124,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               "(default %(default)s)")
     flag(p, "distill_temperature", type=float, default=1.0,
          help="with --distill-from: softmax temperature of both distributions, > 0 (default %(default)s)")
+    flag(p, "full_path_loss_weight", type=float, default=0.0,
+         help="auxiliary loss: each step also runs every layer for every token and adds this weight x the full "
+              "path's cross-entropy (the paper code's full_layers_pred_loss_rate; costs a second pass), >= 0 "
+              "(default %(default)s: off)")
+    flag(p, "hidden_match_weight", type=float, default=0.0,
+         help="auxiliary loss: adds this weight x the summed 1 - cosine between the skip path's and the full "
+              "path's final hidden states on the response, the full path as the target (the paper code's "
+              "skip_full_layers_sim_loss_rate), >= 0 (default %(default)s: off)")
     flag(p, "packing", action="store_true",
          help="padding-free rows: records packed into rows of up to --block-size tokens, attention and positions "
               "per record, the ULS semantics per record (Llama family; --per-device-train-batch-size then counts "

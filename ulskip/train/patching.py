@@ -126,6 +126,7 @@ class TrainState:
         self.orig_forward = orig_forward
         self.fused_ce = False
         self.uls = None  # an apply_uls._ULSContext
+        self.aux = None  # an aux_loss.AuxLosses: skip and full path in each training forward
 
 
 def install_forward(model) -> TrainState:
@@ -163,6 +164,8 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, p
                              "attention_mask, and a Llama-family model (Bloom cannot pack)")
     elif prefix_lengths is not None or response_index is not None:
         raise ValueError("prefix_lengths / response_index are only meaningful after ulskip.train.apply_uls(model, ...)")
+    if uls is not None and state.aux is not None and self.training and labels is not None:
+        return _aux_forward(self, state, input_ids, attention_mask, labels, prefix_lengths, response_index, kwargs)
     try:
         if uls is not None:  # inside the try: a refused input still ends the forward's ULS state
             # training: several speedups draw this forward's schedule; eval mode runs the default one
@@ -175,6 +178,23 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, p
     finally:
         if uls is not None:
             uls.end()
+
+
+def _aux_forward(self, state, input_ids, attention_mask, labels, prefix_lengths, response_index, kwargs):
+    """A training forward with the auxiliary losses (ulskip/train/aux_loss.py): the skip and the full path
+    in this one call, so DDP and DeepSpeed see one forward per backward."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ulskip.train.aux_loss import aux_forward
+
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    base_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_BASE}
+    base_kwargs.update(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    loss = aux_forward(self, state, base_kwargs, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
+                       begin=lambda: state.uls.begin(prefix_lengths, labels, ref.shape[0], ref.shape[1], ref.device,
+                                                     response_index, training=True),
+                       end=state.uls.end)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
 def _fused_ce_forward(self, input_ids, attention_mask, labels, **kwargs):

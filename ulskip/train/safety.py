@@ -112,6 +112,16 @@ def check_args(args) -> None:
               args.distill_temperature, "a finite number > 0 (default 1.0)")
         if args.deepspeed:
             raise TrainError("--distill-from is not supported with --deepspeed (the teacher is not partitioned)")
+    a, b = getattr(args, "full_path_loss_weight", 0.0), getattr(args, "hidden_match_weight", 0.0)
+    _need(_finite(a) and a >= 0, "full-path-loss-weight", a, "a finite number >= 0 (default 0: off)")
+    _need(_finite(b) and b >= 0, "hidden-match-weight", b, "a finite number >= 0 (default 0: off)")
+    if a or b:
+        if args.prefill != "full":
+            raise TrainError(f"--full-path-loss-weight / --hidden-match-weight need prefill 'full', got --prefill "
+                             f"{args.prefill}: with 'skip' the skipped layers are frozen and never run at inference")
+        if getattr(args, "distill_from", None):
+            raise TrainError("--full-path-loss-weight / --hidden-match-weight cannot be combined with --distill-from "
+                             "(the distillation needs the student's logits, which the two-path forward does not return)")
     if getattr(args, "packing", False) and args.streaming:
         raise TrainError("--packing packs the whole data set into rows up front; it cannot be combined with --streaming")
     _need(getattr(args, "skipdecode_horizon", 64) >= 2, "skipdecode-horizon", getattr(args, "skipdecode_horizon", 64),

@@ -81,6 +81,7 @@ def build_trainer(args):
 
     from ulskip.calibration import read_block_influence
     from ulskip.train.apply_uls import apply_uls, speedup_draw
+    from ulskip.train.aux_loss import enable_aux_losses
     from ulskip.train.data import (PackedULSDataset, PackingCollator, StreamingULSDataset, ULSCollator, ULSDataset,
                                    resolve_files)
     from ulskip.train.safety import TrainError, check_args, check_model_folder, speedup_flags, uses_loss_scaling
@@ -123,6 +124,8 @@ def build_trainer(args):
               layer_seed=args.layer_seed, block_influence=bi, skipdecode_horizon=args.skipdecode_horizon,
               speedup_draw=getattr(args, "speedup_draw", "step"), draw_seed=args.seed,
               draft_boundary=getattr(args, "draft_boundary", "prefix"))
+    # the auxiliary losses (ulskip/train/aux_loss.py): skip and full path in each training forward
+    enable_aux_losses(model, getattr(args, "full_path_loss_weight", 0.0), getattr(args, "hidden_match_weight", 0.0))
     teacher = None
     if args.distill_from:
         # the teacher's logits on the response tokens are the student's second target: the fused loss, which
