@@ -88,3 +88,65 @@ def test_packing_refuses_what_it_cannot_do():
     apply_uls(llama, target_speedup=1)
     with pytest.raises(ValueError, match="no attention_mask"):
         llama(**batch, attention_mask=torch.ones_like(batch["input_ids"]))
+
+
+def _oracle_packed(rows, pad, T):
+    """The collators' layout written out per record with tensor slices (what PackingCollator made before it
+    was vectorized): the exactness reference."""
+    B = len(rows)
+    out = {"input_ids": torch.full((B, T), pad, dtype=torch.long), "position_ids": torch.zeros((B, T), dtype=torch.long),
+           "labels": torch.full((B, T), -100, dtype=torch.long), "response_index": torch.full((B, T), -1, dtype=torch.long)}
+    for b, row in enumerate(rows):
+        s = 0
+        for ex in row:
+            ids = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+            n, p = ids.numel(), int(ex["prefix_length"])
+            out["input_ids"][b, s:s + n] = ids
+            out["position_ids"][b, s:s + n] = torch.arange(n)
+            out["labels"][b, s + p:s + n] = ids[p:]
+            out["response_index"][b, s + p:s + n] = torch.arange(n - p)
+            s += n
+        out["position_ids"][b, s:] = torch.arange(T - s)
+    return out
+
+
+def _oracle_padded(features, pad, T):
+    B = len(features)
+    out = {"input_ids": torch.full((B, T), pad, dtype=torch.long), "attention_mask": torch.zeros((B, T), dtype=torch.long),
+           "labels": torch.full((B, T), -100, dtype=torch.long), "prefix_lengths": torch.empty(B, dtype=torch.long)}
+    for b, f in enumerate(features):
+        ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
+        n, p = ids.numel(), int(f["prefix_length"])
+        out["input_ids"][b, :n] = ids
+        out["attention_mask"][b, :n] = 1
+        out["labels"][b, p:n] = ids[p:]
+        out["prefix_lengths"][b] = p
+    return out
+
+
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_collators_match_per_record_layout(multiple):
+    """The vectorized collators give exactly the per-record layout: random lengths and prefixes (a 1-token
+    prefix, a 1-token response, a row of one record, rows of several), int64 tensors, same keys."""
+    g = torch.Generator().manual_seed(0)
+
+    def ex():
+        n = int(torch.randint(2, 40, (1,), generator=g))
+        p = int(torch.randint(1, n, (1,), generator=g))
+        return {"input_ids": torch.randint(3, 100, (n,), generator=g).tolist(), "prefix_length": p}
+
+    exs = [ex() for _ in range(40)] + [{"input_ids": [1, 5], "prefix_length": 1}, {"input_ids": [1, 5, 6], "prefix_length": 2}]
+    rows = PackedULSDataset(exs, block_size=100).rows + [[exs[0]]]
+    got = PackingCollator(0, pad_to_multiple_of=multiple)(rows)
+    T = got["input_ids"].shape[1]
+    want = _oracle_packed(rows, 0, T)
+    assert T == (max(sum(len(e["input_ids"]) for e in r) for r in rows) if multiple is None else T) and \
+        (multiple is None or T % multiple == 0)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == torch.long and torch.equal(got[k], want[k]), k
+    got = ULSCollator(0, pad_to_multiple_of=multiple)(exs)
+    want = _oracle_padded(exs, 0, got["input_ids"].shape[1])
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == torch.long and torch.equal(got[k], want[k]), k

@@ -10,9 +10,11 @@ holding JSON Lines; record number in a .json array).
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -165,17 +167,21 @@ class ULSCollator:
         if self.pad_to_multiple_of:
             T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
         B = len(features)
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-        prefix_lengths = torch.empty(B, dtype=torch.long)
+        # numpy arrays filled row by row, one tensor per field at the end: no per-record tensor ops (the
+        # collator runs in the training loop's own process with --dataloader-num-workers 0, every step)
+        input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((B, T), dtype=np.int64)
+        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        prefix_lengths = np.empty(B, dtype=np.int64)
         for b, f in enumerate(features):
-            ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            n, p = ids.numel(), int(f["prefix_length"])
+            ids = np.asarray(f["input_ids"], dtype=np.int64)
+            n, p = ids.size, int(f["prefix_length"])
             input_ids[b, :n] = ids
             attention_mask[b, :n] = 1
             labels[b, p:n] = ids[p:]
             prefix_lengths[b] = p
+        input_ids, attention_mask, labels, prefix_lengths = (
+            torch.from_numpy(x) for x in (input_ids, attention_mask, labels, prefix_lengths))
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                 "prefix_lengths": prefix_lengths}
 
@@ -222,20 +228,25 @@ class PackingCollator:
         if self.pad_to_multiple_of:
             T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
         B = len(rows)
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((B, T), dtype=torch.long)
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-        response_index = torch.full((B, T), -1, dtype=torch.long)
+        # numpy, one pass per row over the row's records concatenated (no per-record tensor ops: the collator
+        # runs in the training loop's own process with --dataloader-num-workers 0, every step)
+        input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
+        position_ids = np.empty((B, T), dtype=np.int64)
+        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        response_index = np.full((B, T), -1, dtype=np.int64)
         for b, row in enumerate(rows):
-            s = 0
-            for ex in row:
-                ids = torch.as_tensor(ex["input_ids"], dtype=torch.long)
-                n, p = ids.numel(), int(ex["prefix_length"])
-                input_ids[b, s:s + n] = ids
-                position_ids[b, s:s + n] = torch.arange(n)
-                labels[b, s + p:s + n] = ids[p:]
-                response_index[b, s + p:s + n] = torch.arange(n - p)
-                s += n
-            position_ids[b, s:] = torch.arange(T - s)  # the padding: a segment of its own
+            lens = np.array([len(ex["input_ids"]) for ex in row], dtype=np.int64)
+            prefix = np.array([int(ex["prefix_length"]) for ex in row], dtype=np.int64)
+            s = int(lens.sum())
+            ids = np.fromiter(itertools.chain.from_iterable(ex["input_ids"] for ex in row), dtype=np.int64, count=s)
+            local = np.arange(s) - np.repeat(np.cumsum(lens) - lens, lens)  # position inside its record
+            past = local - np.repeat(prefix, lens)                           # >= 0: a response token
+            input_ids[b, :s] = ids
+            position_ids[b, :s] = local
+            position_ids[b, s:] = np.arange(T - s)  # the padding: a segment of its own
+            labels[b, :s] = np.where(past >= 0, ids, IGNORE_INDEX)
+            response_index[b, :s] = np.where(past >= 0, past, -1)
+        input_ids, position_ids, labels, response_index = (
+            torch.from_numpy(x) for x in (input_ids, position_ids, labels, response_index))
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
                 "response_index": response_index}
