@@ -85,3 +85,38 @@ def test_multi_speedup_steps_train_once_and_report(tmp_path, monkeypatch, capsys
     assert len(rows) == 3 and all("| paper (multi 1,2,3) |" in r for r in rows)
     assert "| 2 | 3/6 | full | 20.0 |" in rows[1] and "| paper + random draft boundary | 2 |" in md.read_text()
     assert quality.multi_set("multi123-s2") == "multi123" and quality.multi_set("uls2-skip") is None
+
+
+def test_auxiliary_loss_steps(tmp_path, monkeypatch):
+    """uls2-aux and multi12aux-s1/-s2 train with the auxiliary-loss flags (once for the set) and report as
+    their own policies. Commands recorded, not run."""
+    from ulskip import uls_schedule
+
+    calls = []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        if cmd[3] == "train":
+            ckpt = cmd[cmd.index("--output-dir") + 1]
+            os.makedirs(ckpt, exist_ok=True)
+            open(os.path.join(ckpt, "config.json"), "w").write("{}")
+        else:
+            s = float(cmd[cmd.index("--target-speedup") + 1]) if "--target-speedup" in cmd else 2.0
+            with open(cmd[cmd.index("--json") + 1], "w") as f:
+                json.dump({"bleu": 10 * s, "chrf": 30.0, "perplexity": 2.0,
+                           "settings": {"kept_layers": uls_schedule(6, s), "num_layers": 6}}, f)
+        return 1.0
+
+    monkeypatch.setattr(quality, "_run", fake_run)
+    out = tmp_path / "study"
+    quality.main(["run", "--model", "m", "--data", str(tmp_path / "data-xx"), "--out", str(out), "--steps",
+                  "multi12aux-s1,multi12aux-s2,uls2-aux", "--no-bf16"])
+    train = [c for c in calls if c[3] == "train"]
+    assert len(train) == 2 and all(c[-4:] == quality.AUX_ARGS for c in train)
+    assert train[0][train[0].index("--target-speedups") + 1] == "1,2"
+    assert json.load(open(out / "multi12aux-s2" / "step.json"))["variant"] == quality.AUX_ARGS
+    md = tmp_path / "q.md"
+    quality.main(["report", str(out), "--md", str(md)])
+    text = md.read_text()
+    assert text.count("| paper (multi 1,2) + auxiliary losses |") == 2
+    assert "| paper + auxiliary losses | 2 |" in text

@@ -44,9 +44,15 @@ for _s in (2, 3, 5, 10):
     # the skip path starting at a drawn point inside the response (`--draft-boundary random`: the stretch
     # before it runs every layer, as tokens verified in self-speculative decoding do); not with --packing
     STEPS[f"uls{_s}-db"] = ("paper", _s, "full", True)
+    # the auxiliary losses of the paper's code (AUX_ARGS): the full path's cross-entropy and the skip path's
+    # final hidden states matched to the full path's, in every step
+    STEPS[f"uls{_s}-aux"] = ("paper", _s, "full", True)
 # one checkpoint trained for several speedups (`ulskip train --target-speedups 1,2,3`, into STUDY/<set>/ckpt),
 # evaluated at each of them (`ulskip eval CKPT --target-speedup s` overrides the checkpoint's default)
-MULTI = {"multi12": (1, 2), "multi123": (1, 2, 3), "multi1235": (1, 2, 3, 5)}
+MULTI = {"multi12": (1, 2), "multi123": (1, 2, 3), "multi1235": (1, 2, 3, 5), "multi12aux": (1, 2)}
+# a first guess, not tuned: weight 1 on each auxiliary term (ulskip/train/aux_loss.py)
+AUX_ARGS = ["--full-path-loss-weight", "1", "--hidden-match-weight", "1"]
+MULTI_ARGS = {"multi12aux": AUX_ARGS}  # several-speedups sets trained with more than the recipe
 for _set, _speeds in MULTI.items():
     for _s in _speeds:
         STEPS[f"{_set}-s{_s}"] = ("paper", _s, "full", True)
@@ -60,7 +66,7 @@ def multi_set(name: str):
 
 def variant_args(name: str, out: str) -> list[str]:
     if multi_set(name):
-        return []
+        return list(MULTI_ARGS.get(multi_set(name), []))
     if name.endswith("-kd"):
         teacher = os.path.join(out, "ft-full", "ckpt")
         if not os.path.isfile(os.path.join(teacher, "config.json")):
@@ -70,6 +76,8 @@ def variant_args(name: str, out: str) -> list[str]:
         return ["--freeze-emb", "false"]
     if name.endswith("-db"):
         return ["--draft-boundary", "random"]
+    if name.endswith("-aux"):
+        return list(AUX_ARGS)
     return []
 
 
@@ -130,7 +138,7 @@ def run_step(name, model, data, out, train_args, eval_args, calibration):
             speeds = ",".join(str(x) for x in MULTI[multi])
             t = _run(cli + ["train", "--model-name-or-path", model, "--train-file", os.path.join(data, "train.jsonl"),
                             "--output-dir", ckpt, "--target-speedups", speeds, "--prefill", prefill, *policy,
-                            *train_args, *again], os.path.join(shared, "train.log"))
+                            *train_args, *again, *MULTI_ARGS.get(multi, [])], os.path.join(shared, "train.log"))
             with open(info, "w") as f:
                 json.dump({"train_s": t, "target_speedups": list(MULTI[multi])}, f)
         if os.path.isfile(info):
@@ -209,11 +217,13 @@ def collect(dirs):
 
 def policy_name(r) -> str:
     """The report's policy column: the layer policy, a recipe variant, or the set of a several-speedups run."""
+    aux = " + auxiliary losses"
     if r.get("multi"):
-        return f"{r['strategy']} (multi {','.join(f'{x:g}' for x in r['multi'])})"
+        return (f"{r['strategy']} (multi {','.join(f'{x:g}' for x in r['multi'])})"
+                + (aux if multi_set(r["name"]) in MULTI_ARGS else ""))
     return r["strategy"] + {"": "", "kd": " + distillation", "emb": " + unfrozen embeddings",
-                            "db": " + random draft boundary"}[
-        r["name"].rsplit("-", 1)[-1] if r["name"].endswith(("-kd", "-emb", "-db")) else ""]
+                            "db": " + random draft boundary", "aux": aux}[
+        r["name"].rsplit("-", 1)[-1] if r["name"].endswith(("-kd", "-emb", "-db", "-aux")) else ""]
 
 
 def cmd_report(args):
