@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from helpers import make_checkpoint, make_tokenizer, make_train_model, records, write_train_data
 from ulskip.cli import main
 from ulskip.train import apply_uls, patch_model
-from ulskip.train.aux_loss import enable_aux_losses, hidden_match_loss
+from ulskip.train import enable_aux_losses
+from ulskip.train.aux_loss import hidden_match_loss
 from ulskip.train.data import PackedULSDataset, PackingCollator, ULSCollator, encode
 
 
