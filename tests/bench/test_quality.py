@@ -38,15 +38,12 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     assert os.path.getsize(tmp_path / "q.png") > 0
 
 
-def test_multi_speedup_steps_train_once_and_report(tmp_path, monkeypatch, capsys):
-    """multi123-s1/-s2/-s3: one `ulskip train --target-speedups 1,2,3` into STUDY/multi123/ckpt, then each
-    step evaluates that checkpoint with its own --target-speedup; resuming skips both, and the report names
-    the policy "paper (multi 1,2,3)". The commands are recorded, not run (the real ones run in the test above)."""
+def _recording_run(calls):
+    """A stand-in for quality._run that records each command: train makes an empty checkpoint, eval writes
+    a result whose BLEU is 10 x the step's speedup (2 for a step that evaluates the checkpoint's own)."""
     from ulskip import uls_schedule
 
-    calls = []
-
-    def fake_run(cmd, log):
+    def run(cmd, log):
         calls.append(cmd)
         assert cmd[:3] == [sys.executable, "-m", "ulskip.cli"]
         if cmd[3] == "train":
@@ -54,13 +51,20 @@ def test_multi_speedup_steps_train_once_and_report(tmp_path, monkeypatch, capsys
             os.makedirs(ckpt, exist_ok=True)
             open(os.path.join(ckpt, "config.json"), "w").write("{}")
         else:
-            s = float(cmd[cmd.index("--target-speedup") + 1]) if "--target-speedup" in cmd else 2.0  # uls2-db
+            s = float(cmd[cmd.index("--target-speedup") + 1]) if "--target-speedup" in cmd else 2.0
             with open(cmd[cmd.index("--json") + 1], "w") as f:
                 json.dump({"bleu": 10 * s, "chrf": 30.0, "perplexity": 2.0,
                            "settings": {"kept_layers": uls_schedule(6, s), "num_layers": 6}}, f)
         return 1.5
+    return run
 
-    monkeypatch.setattr(quality, "_run", fake_run)
+
+def test_multi_speedup_steps_train_once_and_report(tmp_path, monkeypatch, capsys):
+    """multi123-s1/-s2/-s3: one `ulskip train --target-speedups 1,2,3` into STUDY/multi123/ckpt, then each
+    step evaluates that checkpoint with its own --target-speedup; resuming skips both, and the report names
+    the policy "paper (multi 1,2,3)". The commands are recorded, not run (the real ones run in the test above)."""
+    calls = []
+    monkeypatch.setattr(quality, "_run", _recording_run(calls))
     out = tmp_path / "study"
     argv = ["run", "--model", "m", "--data", str(tmp_path / "data-xx"), "--out", str(out), "--steps",
             "multi123-s1,multi123-s2,multi123-s3,uls2-db", "--no-bf16"]
@@ -90,24 +94,8 @@ def test_multi_speedup_steps_train_once_and_report(tmp_path, monkeypatch, capsys
 def test_auxiliary_loss_steps(tmp_path, monkeypatch):
     """uls2-aux and multi12aux-s1/-s2 train with the auxiliary-loss flags (once for the set) and report as
     their own policies. Commands recorded, not run."""
-    from ulskip import uls_schedule
-
     calls = []
-
-    def fake_run(cmd, log):
-        calls.append(cmd)
-        if cmd[3] == "train":
-            ckpt = cmd[cmd.index("--output-dir") + 1]
-            os.makedirs(ckpt, exist_ok=True)
-            open(os.path.join(ckpt, "config.json"), "w").write("{}")
-        else:
-            s = float(cmd[cmd.index("--target-speedup") + 1]) if "--target-speedup" in cmd else 2.0
-            with open(cmd[cmd.index("--json") + 1], "w") as f:
-                json.dump({"bleu": 10 * s, "chrf": 30.0, "perplexity": 2.0,
-                           "settings": {"kept_layers": uls_schedule(6, s), "num_layers": 6}}, f)
-        return 1.0
-
-    monkeypatch.setattr(quality, "_run", fake_run)
+    monkeypatch.setattr(quality, "_run", _recording_run(calls))
     out = tmp_path / "study"
     quality.main(["run", "--model", "m", "--data", str(tmp_path / "data-xx"), "--out", str(out), "--steps",
                   "multi12aux-s1,multi12aux-s2,uls2-aux", "--no-bf16"])
