@@ -177,18 +177,33 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index: 
     V = weight.shape[0]
     h2 = hidden.reshape(-1, H)
     t2 = target.reshape(-1)
-    keep = (t2 != ignore_index).nonzero().squeeze(1)
-    n = keep.numel()
-    if n:
-        tk = t2.index_select(0, keep)
-        lo, hi = int(tk.min()), int(tk.max())
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"target holds {bad}, outside the vocabulary [0, {V}) (ignore_index={ignore_index})")
+    # Everything the host needs (the row count for the shapes, the targets' range for the check, the
+    # denominator) comes back in ONE read: on a GPU each .item() / nonzero is a host sync that drains the
+    # stream. Ignored rows count as target 0 in the range, which is inside [0, V), so lo < 0 / hi >= V
+    # exactly when a kept target is out of range, and lo / hi are then that target's value.
+    valid = t2 != ignore_index
+    tz = torch.where(valid, t2, torch.zeros_like(t2))
+    parts = [valid.sum(), tz.min(), tz.max()] if t2.numel() else [valid.sum(), valid.sum(), valid.sum()]
+    items_on_device = torch.is_tensor(num_items_in_batch) and num_items_in_batch.device == t2.device
+    if items_on_device:
+        parts.append(num_items_in_batch.reshape(()))
+    stats = torch.stack([x.to(torch.float64) for x in parts]).tolist()  # the one host read
+    n, lo, hi = int(stats[0]), int(stats[1]), int(stats[2])
+    if n and (lo < 0 or hi >= V):
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"target holds {bad}, outside the vocabulary [0, {V}) (ignore_index={ignore_index})")
     if num_items_in_batch is not None:
-        denom = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+        if items_on_device:
+            denom = float(stats[3])
+        else:  # a Python number, or a tensor on another device (the host: reading it costs no sync)
+            denom = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
     else:
         denom = float(max(n, 1)) if reduction == "mean" else 1.0
+    if n:
+        # the kept rows in order, as nonzero() gives them, without its host sync: a stable sort puts the
+        # kept rows (key 0) first, in their order, and n is known
+        keep = torch.argsort((~valid).to(torch.int32), stable=True)[:n]
+        tk = t2.index_select(0, keep)
     if n == 0:  # nothing to learn from: a zero that keeps the graph
         return (hidden.sum() * 0.0).float()
     hk = h2.index_select(0, keep)
