@@ -15,3 +15,20 @@ def test_zero3_fused_kernels(tmp_path):
         kw = fused_patch_kwargs(Namespace(deepspeed=str(cfg)))
         assert kw == {"norm": True, "activation": True, "cross_entropy": fused_ce}, stage
     assert fused_patch_kwargs(Namespace(deepspeed=None))["cross_entropy"]
+
+
+def test_training_args_make_no_extra_loss_reads(tmp_path):
+    """The Trainer's NaN/inf loss filter reads every micro-batch's loss on the host (two syncs on a GPU) and
+    could never act: ULSTrainer.training_step stops on a non-finite loss before it (test_train_robustness:
+    a diverged run stops). The filter is off; nothing else of the step's logging changes."""
+    import argparse
+
+    from ulskip.cli.train import add_arguments
+    from ulskip.train.trainer import training_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--model-name-or-path", "m", "--train-file", "d.jsonl", "--output-dir", str(tmp_path / "o")])
+    targs = training_args(args)
+    assert targs.logging_nan_inf_filter is False
+    assert targs.logging_steps == 10 and targs.include_num_input_tokens_seen in ("no", False)

@@ -36,7 +36,11 @@ def training_args(args):
               save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, seed=args.seed,
               report_to="none", remove_unused_columns=False, ddp_find_unused_parameters=unused,
               gradient_checkpointing=args.gradient_checkpointing,
-              dataloader_num_workers=args.dataloader_num_workers)
+              dataloader_num_workers=args.dataloader_num_workers,
+              # the Trainer's NaN/inf filter reads each micro-batch's loss back (two host syncs on a GPU)
+              # to replace a non-finite one; ULSTrainer.training_step stops on a non-finite loss first, so
+              # the filter can never act: off
+              logging_nan_inf_filter=False)
     if args.gradient_checkpointing and "gradient_checkpointing_kwargs" in fields:
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if "warmup_ratio" in fields:       # older transformers
@@ -200,8 +204,8 @@ def trainer_class():
             # The loss is checked here, not in a callback: training_step returns each micro-batch's loss
             # after its backward and before the optimizer step, so a non-finite loss stops the run before
             # its gradients reach the weights, and on every step; a callback sees the loss only in on_log,
-            # every --logging-steps, after the update. The host sync costs nothing new: the Trainer's own
-            # NaN filter (logging_nan_inf_filter) syncs on this same loss every step.
+            # every --logging-steps, after the update. This is the step's one read of the loss on the host
+            # (the Trainer's own NaN filter, which made two more, is off: training_args).
             if not bool(torch.isfinite(loss.detach()).all()):
                 raise DivergedError(
                     f"the training loss is {float(loss.detach().float().mean())} at step "
