@@ -32,3 +32,19 @@ def test_training_args_make_no_extra_loss_reads(tmp_path):
     targs = training_args(args)
     assert targs.logging_nan_inf_filter is False
     assert targs.logging_steps == 10 and targs.include_num_input_tokens_seen in ("no", False)
+
+
+def test_training_args_copy_batches_without_blocking(tmp_path):
+    """The batch's host-to-device copies are asynchronous (accelerate's non_blocking, from pinned memory):
+    a blocking copy waits for the GPU's queued work, once per tensor of every batch."""
+    import argparse
+
+    from ulskip.cli.train import add_arguments
+    from ulskip.train.trainer import training_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--model-name-or-path", "m", "--train-file", "d.jsonl", "--output-dir", str(tmp_path / "o")])
+    targs = training_args(args)
+    assert targs.accelerator_config.non_blocking is True  # pinned memory: transformers turns it on with CUDA
+

@@ -40,7 +40,10 @@ def training_args(args):
               # the Trainer's NaN/inf filter reads each micro-batch's loss back (two host syncs on a GPU)
               # to replace a non-finite one; ULSTrainer.training_step stops on a non-finite loss first, so
               # the filter can never act: off
-              logging_nan_inf_filter=False)
+              logging_nan_inf_filter=False,
+              # the batch's host-to-device copies asynchronous (from the DataLoader's pinned memory): a
+              # blocking copy waits for the GPU to finish the work queued before it, once per tensor
+              accelerator_config={"non_blocking": True})
     if args.gradient_checkpointing and "gradient_checkpointing_kwargs" in fields:
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if "warmup_ratio" in fields:       # older transformers
