@@ -48,3 +48,34 @@ def test_training_args_copy_batches_without_blocking(tmp_path):
     targs = training_args(args)
     assert targs.accelerator_config.non_blocking is True  # pinned memory: transformers turns it on with CUDA
 
+
+def test_floating_point_ops_counts_parameters_once(tmp_path, monkeypatch):
+    """ULSTrainer.floating_point_ops (the Trainer's total_flos) is the Trainer's own number, with the
+    parameter count made once rather than every micro-batch."""
+    import argparse
+
+    import torch
+    from transformers import Trainer
+
+    from helpers import make_checkpoint, write_train_data
+    from ulskip.cli.train import add_arguments
+    from ulskip.train.trainer import build_trainer
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "llama", num_layers=4)
+    (tmp_path / "data").mkdir()
+    data = write_train_data(tmp_path / "data")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    trainer, model, _ = build_trainer(p.parse_args(["--model-name-or-path", ckpt, "--train-file", data,
+                                                    "--output-dir", str(tmp_path / "out")]))
+    calls = []
+    orig = type(model).num_parameters
+    monkeypatch.setattr(type(model), "num_parameters", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    inputs = {"input_ids": torch.zeros(3, 7, dtype=torch.long)}
+    want = Trainer.floating_point_ops(trainer, inputs)
+    assert want > 0 and len(calls) == 1
+    for n in (7, 9, 11):
+        inputs = {"input_ids": torch.zeros(3, n, dtype=torch.long)}
+        assert trainer.floating_point_ops(inputs) == 6 * 3 * n * orig(model, exclude_embeddings=True)
+    assert len(calls) == 2  # the reference above and the first of the three
+    assert trainer.floating_point_ops({"x": torch.zeros(1)}) == 0
