@@ -79,9 +79,12 @@ def hidden_match_loss(h_skip: torch.Tensor, h_full: torch.Tensor, shift_labels: 
                       num_items_in_batch=None) -> torch.Tensor:
     """sum over positions with a label of 1 - cos(h_skip, h_full), divided as the cross-entropy; h_full is
     the target (no gradient through it)."""
-    mask = shift_labels != IGNORE_INDEX
-    cos = F.cosine_similarity(h_skip[mask].float(), h_full.detach()[mask].float(), dim=-1)
-    return (1 - cos).sum() / _denominator(shift_labels, num_items_in_batch, cos.device)
+    # every position, then the labelled ones picked by a where: h[mask] would be a nonzero (a host sync on a
+    # GPU, every step)
+    mask = (shift_labels != IGNORE_INDEX).to(h_skip.device)
+    cos = F.cosine_similarity(h_skip.float(), h_full.detach().float(), dim=-1)       # [B, T]
+    per_pos = torch.where(mask, 1 - cos, torch.zeros((), dtype=cos.dtype, device=cos.device))
+    return per_pos.sum() / _denominator(shift_labels, num_items_in_batch, cos.device)
 
 
 def _denominator(shift_labels, num_items_in_batch, device) -> torch.Tensor:
@@ -102,7 +105,16 @@ def aux_forward(model, state, base_kwargs: dict, labels: torch.Tensor, shift_lab
         h_skip = base(**base_kwargs)[0]
     finally:
         end()
-    h_full = base(**base_kwargs)[0]
+    if all(r is None for r in state.uls.runs):
+        # the drawn schedule keeps every layer for every token (a several-speedups run's 1x): the skip path is
+        # the full path, the same values and the same parameters; one pass gives both (match term 0)
+        h_full = h_skip
+    elif aux.full_path_weight:
+        h_full = base(**base_kwargs)[0]
+    else:
+        # the full path is only the match term's target (no gradient through it): no graph to keep
+        with torch.no_grad():
+            h_full = base(**base_kwargs)[0]
     if shift_labels is None:
         labels = labels.to(h_skip.device)
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
