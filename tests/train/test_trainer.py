@@ -34,19 +34,35 @@ def test_training_args_make_no_extra_loss_reads(tmp_path):
     assert targs.logging_steps == 10 and targs.include_num_input_tokens_seen in ("no", False)
 
 
-def test_training_args_copy_batches_without_blocking(tmp_path):
-    """The batch's host-to-device copies are asynchronous (accelerate's non_blocking, from pinned memory):
-    a blocking copy waits for the GPU's queued work, once per tensor of every batch."""
+def test_training_args_copy_batches_without_blocking(tmp_path, monkeypatch):
+    """On CUDA the batch's host-to-device copies are asynchronous (accelerate's non_blocking, from the pinned
+    memory transformers uses there): a blocking copy waits for the GPU's queued work, once per tensor of every
+    batch. On the CPU nothing is copied (and transformers would warn that memory is not pinned): off."""
     import argparse
 
+    import torch
+
     from ulskip.cli.train import add_arguments
-    from ulskip.train.trainer import training_args
+    from ulskip.train import trainer as T
 
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--model-name-or-path", "m", "--train-file", "d.jsonl", "--output-dir", str(tmp_path / "o")])
-    targs = training_args(args)
-    assert targs.accelerator_config.non_blocking is True  # pinned memory: transformers turns it on with CUDA
+    assert T.training_args(args).accelerator_config.non_blocking is torch.cuda.is_available()
+    made = {}
+
+    import transformers
+
+    class Spy:  # what training_args gives TrainingArguments on a CUDA machine
+        __dataclass_fields__ = transformers.TrainingArguments.__dataclass_fields__
+
+        def __init__(self, **kw):
+            made.update(kw)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformers, "TrainingArguments", Spy)
+    T.training_args(args)
+    assert made["accelerator_config"] == {"non_blocking": True} and made["use_cpu"] is False
 
 
 def test_floating_point_ops_counts_parameters_once(tmp_path, monkeypatch):

@@ -40,19 +40,22 @@ def training_args(args):
               # the Trainer's NaN/inf filter reads each micro-batch's loss back (two host syncs on a GPU)
               # to replace a non-finite one; ULSTrainer.training_step stops on a non-finite loss first, so
               # the filter can never act: off
-              logging_nan_inf_filter=False,
-              # the batch's host-to-device copies asynchronous (from the DataLoader's pinned memory): a
-              # blocking copy waits for the GPU to finish the work queued before it, once per tensor
-              accelerator_config={"non_blocking": True})
+              logging_nan_inf_filter=False)
     if args.gradient_checkpointing and "gradient_checkpointing_kwargs" in fields:
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if "warmup_ratio" in fields:       # older transformers
         kw["warmup_ratio"] = args.warmup_ratio
     else:                              # newer: warmup_steps in [0, 1) is a ratio
         kw["warmup_steps"] = args.warmup_ratio
+    import torch
+    cuda = torch.cuda.is_available()
     if "use_cpu" in fields:
-        import torch
-        kw["use_cpu"] = not torch.cuda.is_available()
+        kw["use_cpu"] = not cuda
+    if cuda:
+        # the batch's host-to-device copies asynchronous (from the DataLoader's pinned memory, which
+        # transformers uses on CUDA only): a blocking copy waits for the GPU to finish the work queued
+        # before it, once per batch tensor
+        kw["accelerator_config"] = {"non_blocking": True}
     return TrainingArguments(**{k: v for k, v in kw.items() if k in fields})
 
 
