@@ -270,3 +270,17 @@ def test_ulskip_train_aux_with_gradient_checkpointing_accumulation_and_two_speed
                  "--target-speedups", "1,2", "--speedup-draw", "micro-batch", "--max-steps", "4",
                  "--gradient-checkpointing", "--full-path-loss-weight", "0.5", "--hidden-match-weight", "1"]) == 0
     assert os.path.exists(tmp_path / "o" / "model.safetensors")
+
+
+def test_a_refused_input_closes_the_skip_paths_state():
+    """begin() refuses a bad prefix_lengths after marking the forward active: the state must still end, or
+    a later call of the base model alone would run the ULS semantics with a stale context."""
+    tok, base, exs = _model("llama")
+    batch = ULSCollator(tok.pad_token_id)(exs)
+    m = enable_aux_losses(apply_uls(copy.deepcopy(base), target_speedup=2), 0.5, 1.0)
+    bad = {**batch, "prefix_lengths": batch["prefix_lengths"][:2]}
+    with pytest.raises(ValueError, match="one length per row"):
+        m(**bad)
+    assert m._ulskip_train.uls.active is False
+    plain = copy.deepcopy(base)
+    torch.testing.assert_close(m.model(input_ids=batch["input_ids"])[0], plain.model(input_ids=batch["input_ids"])[0])

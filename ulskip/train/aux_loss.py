@@ -100,8 +100,8 @@ def aux_forward(model, state, base_kwargs: dict, labels: torch.Tensor, shift_lab
     of the skip path (the full path runs with them closed: every layer, every token)."""
     aux: AuxLosses = state.aux
     base = getattr(model, model.base_model_prefix)
-    begin()
     try:
+        begin()  # inside the try: a refused input (bad prefix_lengths) still closes the ULS state
         h_skip = base(**base_kwargs)[0]
     finally:
         end()
