@@ -92,7 +92,8 @@ def train_args(args) -> list[str]:
 
 
 def eval_args(args) -> list[str]:
-    return (["--batch-size", "64", "--max-new-tokens", "64", "--no-progress"] + (["--dtype", "bf16"] if args.bf16 else [])
+    # the dtype always named: without it the engine would pick its own default (bf16 for an fp32 checkpoint)
+    return (["--batch-size", "64", "--max-new-tokens", "64", "--no-progress", "--dtype", "bf16" if args.bf16 else "fp32"]
             + (["--paper-decode"] if args.paper_decode else []))
 
 
