@@ -129,6 +129,17 @@ def test_one_draw_per_forward_with_several_speedups():
         assert draw.step == i + 1
 
 
+def test_hidden_states_are_refused_and_a_new_schedule_drops_the_losses():
+    tok, base, exs = _model("llama")
+    batch = ULSCollator(tok.pad_token_id)(exs)
+    m = enable_aux_losses(apply_uls(copy.deepcopy(base), target_speedup=2), 0.5, 0.5)
+    for flag in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match=f"{flag}=True is not supported"):
+            m(**batch, **{flag: True})
+    apply_uls(m, target_speedup=3, prefill="skip")  # the check against prefill "skip" would be bypassed
+    assert m._ulskip_train.aux is None
+
+
 def test_bad_weights_and_models_are_refused():
     tok, base, _ = _model("llama")
     with pytest.raises(ValueError, match="call ulskip.train.apply_uls"):
@@ -149,16 +160,19 @@ def test_ulskip_train_with_aux_losses(tmp_path, capsys):
     common = ["--model-name-or-path", ckpt, "--train-file", data, "--per-device-train-batch-size", "4",
               "--learning-rate", "3e-3", "--warmup-ratio", "0", "--lr-scheduler-type", "constant", "--seed", "0",
               "--save-steps", "100", "--logging-steps", "5", "--target-speedup", "2", "--max-steps", "12"]
-    out, plain = str(tmp_path / "aux"), str(tmp_path / "plain")
+    out, plain, zero = str(tmp_path / "aux"), str(tmp_path / "plain"), str(tmp_path / "zero")
     assert main(["train", *common, "--output-dir", out, "--full-path-loss-weight", "0.5",
                  "--hidden-match-weight", "1"]) == 0
     assert main(["train", *common, "--output-dir", plain]) == 0
+    assert main(["train", *common, "--output-dir", zero, "--full-path-loss-weight", "0",
+                 "--hidden-match-weight", "0"]) == 0
     cfg = json.load(open(f"{out}/config.json"))
     assert cfg["ulskip"]["kept_layers"] == [0, 3]
     from safetensors.torch import load_file
-    a, b = load_file(f"{out}/model.safetensors"), load_file(f"{plain}/model.safetensors")
-    # layers 1 and 2 run only the prompt on the skip path; the full-path terms train them on the response too
-    assert any(not torch.equal(a[k], b[k]) for k in a if "layers.1." in k)
+    a, b, z = (load_file(f"{d}/model.safetensors") for d in (out, plain, zero))
+    # the flags reach the loss (what they compute is checked exactly above), and weights 0 are the plain run
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(z[k], b[k]) for k in b)
     capsys.readouterr()
     for argv, match in ((["--full-path-loss-weight", "-1"], "--full-path-loss-weight must be"),
                         (["--hidden-match-weight", "nan"], "--hidden-match-weight must be"),

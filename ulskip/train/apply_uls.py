@@ -397,6 +397,7 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
                 p.requires_grad_(False)
     state = install_forward(model)
     state.uls = ctx
+    state.aux = None  # a new schedule: enable_aux_losses again to check the losses against it
     model.config.ulskip = {"kept_layers": list(kept), "num_layers": L,
                            "target_speedup": float(target_speedup), "strategy": strategy,
                            "prefill": prefill}

@@ -13,6 +13,9 @@ h_skip, h_full the final hidden states (after the final norm) and CE(h) the head
   target, not pulled toward the skip path: its side of the term carries no gradient. A draft closer to the
   verifier is accepted more often.
 
+A step whose schedule keeps every layer (a several-speedups run's 1x draw) runs one pass and no auxiliary
+term: its loss is already the full path's cross-entropy, and the match term is 0.
+
 Positions are those whose next token has a label (the response), and every sum is divided like the
 cross-entropy: by the accumulated batch's label count when transformers passes num_items_in_batch, else by
 this batch's. Both passes run inside one forward call, so DDP and DeepSpeed see one forward per backward.
@@ -105,23 +108,23 @@ def aux_forward(model, state, base_kwargs: dict, labels: torch.Tensor, shift_lab
         h_skip = base(**base_kwargs)[0]
     finally:
         end()
-    if all(r is None for r in state.uls.runs):
-        # the drawn schedule keeps every layer for every token (a several-speedups run's 1x): the skip path is
-        # the full path, the same values and the same parameters; one pass gives both (match term 0)
-        h_full = h_skip
-    elif aux.full_path_weight:
-        h_full = base(**base_kwargs)[0]
-    else:
-        # the full path is only the match term's target (no gradient through it): no graph to keep
-        with torch.no_grad():
-            h_full = base(**base_kwargs)[0]
     if shift_labels is None:
         labels = labels.to(h_skip.device)
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     loss = head_loss(model, h_skip, shift_labels, state.fused_ce, num_items_in_batch)
+    if all(r is None for r in state.uls.runs):
+        # the drawn schedule keeps every layer for every token (a several-speedups run's 1x): the skip path is
+        # the full path, so its cross-entropy is already the loss (adding it again would only scale this
+        # step) and the match term is 0: one pass, no auxiliary terms
+        return loss
     if aux.full_path_weight:
+        h_full = base(**base_kwargs)[0]
         loss = loss + aux.full_path_weight * head_loss(model, h_full, shift_labels, state.fused_ce,
                                                        num_items_in_batch)
+    else:
+        # the full path is only the match term's target (no gradient through it): no graph to keep
+        with torch.no_grad():
+            h_full = base(**base_kwargs)[0]
     if aux.hidden_match_weight:
         loss = loss + aux.hidden_match_weight * hidden_match_loss(h_skip, h_full, shift_labels, num_items_in_batch)
     return loss

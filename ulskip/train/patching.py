@@ -187,6 +187,10 @@ def _aux_forward(self, state, input_ids, attention_mask, labels, prefix_lengths,
 
     from ulskip.train.aux_loss import aux_forward
 
+    asked = [k for k in ("output_hidden_states", "output_attentions") if kwargs.get(k)]
+    if asked:
+        raise ValueError(f"a training forward with auxiliary losses returns the loss only; {asked[0]}=True is not "
+                         "supported (run the model in eval mode, or turn the losses off with enable_aux_losses(model, 0, 0))")
     ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     base_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_BASE}
     base_kwargs.update(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
