@@ -54,6 +54,8 @@ def test_real_keeps_finished_rows_when_stopped(tmp_path, monkeypatch):
     result = json.load(open(real))
     assert result["meta"]["complete"] is False
     assert [r["system"] for r in result["rows"]] == ["all layers"]
+    with pytest.warns(UserWarning, match="stopped before its end"):  # read as an acceptance file
+        assert speculative._tokens_per_verify(str(real)) == {}
 
 
 def test_bench_speculative_system(tmp_path, capsys):

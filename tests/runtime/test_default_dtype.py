@@ -33,7 +33,8 @@ def test_gpu_keeps_half_checkpoints_and_halves_float32(fake_gpu):
     assert default_dtype(torch.float32, GPU) is torch.bfloat16   # what `ulskip train` saves
     assert default_dtype(None, GPU) is torch.bfloat16            # config without torch_dtype
     fake_gpu["bf16"] = False                                     # e.g. a V100: fp16, not emulated bf16
-    assert default_dtype(torch.float32, GPU) is torch.float16
+    with pytest.warns(UserWarning, match="has no bf16: this float32 checkpoint runs in fp16"):
+        assert default_dtype(torch.float32, GPU) is torch.float16
     assert default_dtype(torch.bfloat16, GPU) is torch.bfloat16  # asked for by the checkpoint itself
 
 

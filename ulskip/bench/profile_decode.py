@@ -29,7 +29,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-2-7b")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--speedup", type=float, default=1)
+    ap.add_argument("--speedup", type=float, default=None,
+                    help="target speedup (default: 1 for --model; a --checkpoint's own trained schedule)")
     ap.add_argument("--checkpoint", default=None, help="a local checkpoint folder instead of --model's shape")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     args = ap.parse_args()
@@ -40,6 +41,7 @@ def main():
                                      max_batch_size=args.batch, max_seq_len=256)
         args.model = args.checkpoint
     else:
+        args.speedup = 1 if args.speedup is None else args.speedup
         hf = build_hf_model(args.model, dev, dt)
         eng = Engine.from_hf_model(hf, target_speedup=args.speedup, max_batch_size=args.batch, max_seq_len=256)
         del hf
@@ -63,7 +65,7 @@ def main():
             kernels[name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
             counts[name] += 1
     total = sum(kernels.values())
-    print(f"{args.model} {args.dtype} bs{B} speedup {args.speedup}: CUDA-graph step {replay_us:.0f} us, "
+    print(f"{args.model} {args.dtype} bs{B} {len(eng.kept_layers)} kept layers: CUDA-graph step {replay_us:.0f} us, "
           f"kernel time sum {total:.0f} us over {sum(counts.values())} kernels "
           f"(gaps ~{replay_us - total:.0f} us)")
     print("| kernel | calls | us | % |\n|---|---|---|---|")

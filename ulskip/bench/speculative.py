@@ -120,12 +120,7 @@ def cmd_cost(args):
     device = torch.device(args.device or "cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or "bf16"]
     hf = build_hf_model(args.model, device, dtype)
-    real = {}
-    if args.acceptance:
-        with open(args.acceptance) as f:
-            for r in json.load(f)["rows"]:
-                if r["system"] == "speculative":
-                    real[(r["batch_size"], r["draft_speedup"], r["num_draft_tokens"])] = r["tokens_per_verify"]
+    real = _tokens_per_verify(args.acceptance) if args.acceptance else {}
     P, N = args.prompt_len, args.new_tokens
     g = torch.Generator().manual_seed(0)
     meta = {**_meta(args, device, dtype), "model": args.model, "prompt_len": P, "new_tokens": N,
@@ -172,10 +167,19 @@ def cmd_cost(args):
     return 0
 
 
-def _tokens_per_verify(path):
+def _read_rows(path):
+    """A result file's rows, with a warning when the run that wrote it stopped before its end."""
     with open(path) as f:
-        return {(r["batch_size"], r["draft_speedup"], r["num_draft_tokens"]): r["tokens_per_verify"]
-                for r in json.load(f)["rows"] if r["system"] == "speculative"}
+        out = json.load(f)
+    if out.get("meta", {}).get("complete") is False:
+        warnings.warn(f"{path} is from a run that stopped before its end ('complete': false): its missing rows "
+                      "have no numbers here", stacklevel=3)
+    return out["rows"]
+
+
+def _tokens_per_verify(path):
+    return {(r["batch_size"], r["draft_speedup"], r["num_draft_tokens"]): r["tokens_per_verify"]
+            for r in _read_rows(path) if r["system"] == "speculative"}
 
 
 def cmd_project(args):
@@ -184,8 +188,7 @@ def cmd_project(args):
     tpv = {}
     for path in args.acceptance:
         tpv.update(_tokens_per_verify(path))
-    with open(args.cost) as f:
-        rows = json.load(f)["rows"]
+    rows = _read_rows(args.cost)
     step = {r["batch_size"]: r["ms_per_step"] for r in rows if r["system"] == "all layers"}
     print("| batch | draft | k | ms / step (all layers) | ms / round | round / step | tokens per verify (real) "
           "| projected speedup |")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +84,11 @@ def default_dtype(checkpoint_dtype, device: torch.device) -> torch.dtype:
     if checkpoint_dtype in (torch.float16, torch.bfloat16):
         return checkpoint_dtype
     with torch.cuda.device(device):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16
+    warnings.warn(f"{device} has no bf16: this float32 checkpoint runs in fp16, whose range is narrower (an "
+                  "overflow would show as inf/NaN); pass dtype='fp32' to keep float32", stacklevel=3)
+    return torch.float16
 
 
 def _parse_device(device) -> torch.device:
