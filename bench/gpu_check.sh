@@ -15,7 +15,9 @@
 # SPEC_DATA = its test.jsonl), study = quality-study steps (STUDY_MODEL, STUDY_DATA, STUDY_OUT, STUDY_STEPS,
 # STUDY_ARGS: see ulskip/bench/quality.py); deepspeed = the same `ulskip train` fine-tune plain, ZeRO-2 and
 # ZeRO-3 on one GPU (ulskip/bench/deepspeed_compare.py; ZERO_MODEL, ZERO_DATA = a train.jsonl, ZERO_ARGS; the
-# H200 lacks deepspeed: carry .whl3 (its wheels, built here) and .whl2 (pydantic), installed with --no-deps))
+# H200 lacks deepspeed: carry .whl3 (its wheels, built here) and .whl2 (pydantic), installed with --no-deps);
+# deepspeed2 = the same three runs on 2 GPUs (plain = DDP; nvidia-h200-x2, issue 15) after `deepspeed` in the
+# same call, whose folder is the scaling baseline, or ZERO_BASELINE = a copy of it kept in /root)
 # Every stage logs to $OUT/<stage>.log; the summary table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +27,9 @@ export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}  # one
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build test kbench quick llama llamac bloom bloomc train)
 BENCH="python3 -m ulskip.cli bench --no-progress"
+# DeepSpeed from the carried wheels (.whl3; pydantic from .whl2), then the plain / ZeRO-2 / ZeRO-3 comparison
+DS_INSTALL="python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/dsite .whl3/*.whl .whl2/pydantic-*.whl .whl2/pydantic_core-*.whl .whl2/annotated_types-*.whl .whl2/typing_inspection-*.whl .whl2/typing_extensions-*.whl"
+DS_RUN="PYTHONPATH=/tmp/dsite${PYTHONPATH:+:$PYTHONPATH} python3 -m ulskip.bench.deepspeed_compare run --model ${ZERO_MODEL:-/root/smollm2} --train-file ${ZERO_DATA:-/root/data-fr/train.jsonl}"
 declare -A RC SECS
 
 stage() {  # stage NAME LIMIT_S COMMAND...: a stage past its limit is killed, the next one runs
@@ -67,7 +72,8 @@ for s in "${STAGES[@]}"; do
     spec7b) stage spec7b 330 "python3 -m ulskip.bench.speculative cost --model llama-2-7b --batch-sizes 1,8,32 --draft-speedups 2,3 --num-draft-tokens 2,3,4,6,8 ${SPEC_ACCEPT:+--acceptance $SPEC_ACCEPT} --json $OUT/spec_cost_7b.json" ;;
     specreal) stage specreal 300 "python3 -m ulskip.bench.speculative real --model $SPEC_CKPT --data $SPEC_DATA --batch-sizes 1,8,32 --draft-speedups ${SPEC_DRAFTS:-2,3} --num-draft-tokens 2,3,4,5,6,8 --json $OUT/spec_real.json" ;;
     study)  stage study 580 "python3 -m ulskip.bench.quality run --model $STUDY_MODEL --data $STUDY_DATA --out $STUDY_OUT --steps $STUDY_STEPS $STUDY_ARGS" ;;
-    deepspeed) stage deepspeed 540 "python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/dsite .whl3/*.whl .whl2/pydantic-*.whl .whl2/pydantic_core-*.whl .whl2/annotated_types-*.whl .whl2/typing_inspection-*.whl .whl2/typing_extensions-*.whl && PYTHONPATH=/tmp/dsite${PYTHONPATH:+:$PYTHONPATH} python3 -m ulskip.bench.deepspeed_compare run --model ${ZERO_MODEL:-/root/smollm2} --train-file ${ZERO_DATA:-/root/data-fr/train.jsonl} --out $OUT/deepspeed ${ZERO_ARGS:-}" ;;
+    deepspeed) stage deepspeed 540 "$DS_INSTALL && $DS_RUN --out $OUT/deepspeed ${ZERO_ARGS:-}" ;;
+    deepspeed2) stage deepspeed2 580 "$DS_INSTALL && CUDA_VISIBLE_DEVICES=0,1 $DS_RUN --gpus 2 --out $OUT/deepspeed2 --baseline ${ZERO_BASELINE:-$OUT/deepspeed} ${ZERO_ARGS:-}" ;;
     prof)   stage prof 120 "python3 -m ulskip.bench.profile_decode" ;;
     dtprof) stage dtprof 200 "for d in fp32 bf16; do python3 -m ulskip.bench.profile_decode --checkpoint ${PROF_CKPT:-/root/smollm2} --dtype \$d || exit 1; done" ;;
     gemv)   stage gemv 150 "python3 -m ulskip.bench.gemv_probe" ;;

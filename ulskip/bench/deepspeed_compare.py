@@ -1,8 +1,14 @@
-"""`ulskip train` plain against `--deepspeed` ZeRO-2 and ZeRO-3 on one GPU: the same fine-tune three times
-(same model, data, flags and seed), the loss curves compared step by step, throughput and peak memory.
+"""`ulskip train` plain against `--deepspeed` ZeRO-2 and ZeRO-3: the same fine-tune three times (same model,
+data, flags and seed), the loss curves compared step by step, throughput and peak memory per GPU.
 
     python -m ulskip.bench.deepspeed_compare run --model CKPT --train-file DATA.jsonl --out OUT [--max-steps 100]
-    python -m ulskip.bench.deepspeed_compare report OUT [--json compare.json]
+    python -m ulskip.bench.deepspeed_compare run ... --gpus 2 --out OUT2 --baseline OUT   # DDP / ZeRO on 2 GPUs
+    python -m ulskip.bench.deepspeed_compare report OUT2 [--baseline OUT] [--json compare.json]
+
+With --gpus N every run goes through `torchrun --nproc_per_node N` (plain = DDP); each GPU takes
+--batch-size rows per step, so N GPUs train on N times the tokens per step. tokens/s counts rank 0's batches
+times N (the ranks' batches are of the same recipe); with --baseline (the one-GPU run's --out), the scaling
+efficiency of each run is its tokens/s over N times the baseline's same run.
 
 `run` launches each fine-tune as a subprocess: plain = `ulskip train` in one process, zero2 / zero3 =
 `torchrun --standalone --nproc_per_node 1` with --deepspeed examples/deepspeed_zero{2,3}.json (DeepSpeed needs
@@ -156,11 +162,12 @@ def cmd_train(argv) -> int:
 # ------------------------------------------------------------------------------------------ the three runs
 def train_command(run, config, args, metrics, output_dir) -> list[str]:
     """The command line of one run (a list for subprocess)."""
-    if config is None:
+    gpus = getattr(args, "gpus", 1)
+    if config is None and gpus == 1:
         head = [sys.executable, "-m", "ulskip.bench.deepspeed_compare", "train"]
     else:
-        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                "-m", "ulskip.bench.deepspeed_compare", "train", "--deepspeed", config]
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+                "-m", "ulskip.bench.deepspeed_compare", "train"] + (["--deepspeed", config] if config else [])
     return head + [
         "--metrics", metrics, "--timed-from", str(args.timed_from),
         "--model-name-or-path", args.model, "--train-file", args.train_file, "--output-dir", output_dir,
@@ -172,6 +179,10 @@ def train_command(run, config, args, metrics, output_dir) -> list[str]:
 
 
 def cmd_run(args) -> int:
+    if args.gpus < 1:
+        raise SystemExit(f"deepspeed_compare: --gpus must be an integer >= 1, got {args.gpus}")
+    if args.baseline and not os.path.isdir(args.baseline):
+        raise SystemExit(f"deepspeed_compare: --baseline {args.baseline!r} is not a folder (the one-GPU run's --out)")
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in runs if r not in RUNS]
     if bad:
@@ -203,7 +214,7 @@ def cmd_run(args) -> int:
             failed.append(run)
             with open(log) as f:
                 print("   " + "\n   ".join(f.read()[-1500:].splitlines()), flush=True)
-    report(args.out, runs, os.path.join(args.out, "compare.json"))
+    report(args.out, runs, os.path.join(args.out, "compare.json"), args.baseline)
     return 1 if failed else 0
 
 
@@ -213,9 +224,16 @@ def losses(metrics) -> dict:
     return {h["step"]: h["loss"] for h in metrics.get("log_history", []) if "loss" in h and "step" in h}
 
 
-def compare(runs: dict, base="plain") -> list[dict]:
+def _all_gpus_tokens_per_s(m):
+    """tokens/s of a run over all its GPUs: rank 0's counted batches times the world size."""
+    tps = (m.get("timed") or {}).get("tokens_per_s")
+    return None if tps is None else tps * (m.get("world_size") or 1)
+
+
+def compare(runs: dict, base="plain", baseline: dict | None = None) -> list[dict]:
     """One row per run: steps, final logged loss, the largest |loss - base loss| over the steps both logged,
-    tokens/s, steps/s and peak memory."""
+    tokens/s (all GPUs), steps/s, peak memory per GPU, and with `baseline` (the same runs on one GPU) the
+    scaling efficiency: tokens/s / (world size x the baseline run's tokens/s)."""
     ref = losses(runs[base]) if base in runs else {}
     rows = []
     for name, m in runs.items():
@@ -223,12 +241,15 @@ def compare(runs: dict, base="plain") -> list[dict]:
         common = sorted(set(ls) & set(ref))
         timed = m.get("timed") or {}
         summary = next((h for h in reversed(m.get("log_history", [])) if "train_runtime" in h), {})
+        world, tps = m.get("world_size") or 1, _all_gpus_tokens_per_s(m)
+        one = _all_gpus_tokens_per_s(baseline[name]) if baseline and name in baseline else None
         rows.append({
-            "run": name, "deepspeed": m.get("deepspeed"), "steps": m.get("steps"),
+            "run": name, "deepspeed": m.get("deepspeed"), "steps": m.get("steps"), "world_size": world,
             "final_loss": ls[max(ls)] if ls else None,
             "max_abs_loss_diff": max(abs(ls[s] - ref[s]) for s in common) if common and name != base else None,
             "steps_compared": len(common) if name != base else None,
-            "tokens_per_s": timed.get("tokens_per_s"), "steps_per_s": timed.get("steps_per_s"),
+            "tokens_per_s": tps, "steps_per_s": timed.get("steps_per_s"),
+            "scaling_efficiency": tps / (world * one) if tps and one else None,
             "timed_steps": f"{timed['from_step']}-{timed['to_step']}" if timed else None,
             "train_runtime_s": summary.get("train_runtime"), "peak_mem_GiB": m.get("peak_mem_GiB"),
             "peak_reserved_GiB": m.get("peak_reserved_GiB")})
@@ -240,25 +261,31 @@ def _f(v, spec):
 
 
 def format_table(rows) -> str:
-    lines = ["| run | steps | final loss | max abs loss diff vs plain (steps) | tokens/s | steps/s | peak GiB "
-             "(reserved) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | GPUs | steps | final loss | max abs loss diff vs plain (steps) | tokens/s (all GPUs) | "
+             "scaling efficiency | steps/s | peak GiB per GPU (reserved) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = "-" if r["max_abs_loss_diff"] is None else f"{r['max_abs_loss_diff']:.4f} ({r['steps_compared']})"
-        lines.append(f"| {r['run']} | {_f(r['steps'], 'd')} | {_f(r['final_loss'], '.4f')} | {diff} | "
-                     f"{_f(r['tokens_per_s'], '.0f')} | {_f(r['steps_per_s'], '.2f')} | "
+        eff = "-" if r.get("scaling_efficiency") is None else f"{100 * r['scaling_efficiency']:.0f}%"
+        lines.append(f"| {r['run']} | {r.get('world_size') or 1} | {_f(r['steps'], 'd')} | {_f(r['final_loss'], '.4f')} | "
+                     f"{diff} | {_f(r['tokens_per_s'], '.0f')} | {eff} | {_f(r['steps_per_s'], '.2f')} | "
                      f"{_f(r['peak_mem_GiB'], '.2f')} ({_f(r['peak_reserved_GiB'], '.2f')}) |")
     return "\n".join(lines)
 
 
-def report(out, runs, json_path=None) -> list[dict]:
+def _read_runs(out, runs) -> dict:
     found = {}
     for run in runs:
         p = os.path.join(out, f"{run}.json")
         if os.path.isfile(p):
             with open(p) as f:
                 found[run] = json.load(f)
+    return found
+
+
+def report(out, runs, json_path=None, baseline_dir=None) -> list[dict]:
+    found = _read_runs(out, runs)
     missing = [r for r in runs if r not in found]
-    rows = compare(found)
+    rows = compare(found, baseline=_read_runs(baseline_dir, runs) if baseline_dir else None)
     any_run = next(iter(found.values()), {})
     meta = {"device": any_run.get("device"), "versions": any_run.get("versions"), "missing": missing,
             "timed_steps": next((r["timed_steps"] for r in rows if r["timed_steps"]), None)}
@@ -296,14 +323,17 @@ def main(argv=None):
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 (CPU smoke runs)")
     r.add_argument("--run-timeout", type=float, default=170, help="seconds per fine-tune (default %(default)s)")
+    r.add_argument("--gpus", type=int, default=1, help="GPUs per run, through torchrun (default %(default)s)")
+    r.add_argument("--baseline", default=None, help="the one-GPU run's --out: scaling efficiency against it")
     p = sub.add_parser("report", help="the table of an --out folder")
     p.add_argument("out")
     p.add_argument("--runs", default="plain,zero2,zero3")
     p.add_argument("--json", default=None)
+    p.add_argument("--baseline", default=None, help="the one-GPU run's --out: scaling efficiency against it")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
-    report(args.out, [x.strip() for x in args.runs.split(",") if x.strip()], args.json)
+    report(args.out, [x.strip() for x in args.runs.split(",") if x.strip()], args.json, args.baseline)
     return 0
 
 
