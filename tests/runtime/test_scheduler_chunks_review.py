@@ -51,6 +51,21 @@ def rand_prompt(rng, n, vocab):
     return [rng.randrange(4, vocab) for _ in range(n)]
 
 
+def queue(sched, jobs):
+    """Queue greedy requests (prompt, max_new_tokens) without EOS -> [(prompt, n, collected events)]."""
+    outs = []
+    for p, n in jobs:
+        got, emit = collect()
+        sched.request(p, emit, max_new_tokens=n, eos_token_id=[])
+        outs.append((p, n, got))
+    return outs
+
+
+def assert_as_generate_alone(ref, outs):
+    for p, n, got in outs:
+        assert got["tokens"] == ref.generate([p], max_new_tokens=n, eos_token_id=[]).sequences[0], len(p)
+
+
 # ---------------------------------------------------------------------------------------------- boundaries
 @pytest.mark.parametrize("family,prefill", [("llama", "full"), ("bloom", "full"), ("qwen2", "skip"), ("bloom", "skip")])
 @pytest.mark.parametrize("max_batch_size", [1, 3])
@@ -62,19 +77,16 @@ def test_boundary_lengths_equal_generate(paths, family, prefill, max_batch_size,
     sched = Scheduler(eng, prefill_chunk=chunk)
     assert sched.prefill_chunk == min(chunk, eng.staging_capacity)
     rng = random.Random(chunk * 10 + max_batch_size)
-    outs = []
+    jobs = []
     for L in (chunk, chunk + 1, 39, 1, 20, 38, 5, 33):
         L = max(1, min(L, 39))
         p = rand_prompt(rng, L, eng.cfg.vocab_size)
-        n = max(1, min(40 - L, rng.randint(1, 6)))
-        got, emit = collect()
-        sched.request(p, emit, max_new_tokens=n, eos_token_id=[])
-        outs.append((p, n, got))
+        jobs.append((p, max(1, min(40 - L, rng.randint(1, 6)))))
+    outs = queue(sched, jobs)
     run(sched)
     assert sched.busy == 0 and sched.chunking is None and not sched.waiting
-    for p, n, got in outs:
-        assert got["tokens"] == eng.generate([p], max_new_tokens=n, eos_token_id=[]).sequences[0], len(p)
-        assert got["reason"] == "length"
+    assert_as_generate_alone(eng, outs)
+    assert all(got["reason"] == "length" for _, _, got in outs)
 
 
 def test_tiny_contexts(paths):
@@ -84,17 +96,14 @@ def test_tiny_contexts(paths):
         eng = engine(paths["llama"], max_batch_size=2, max_seq_len=S)
         for chunk in (1, 2, 3, 10 ** 9):
             sched = Scheduler(eng, prefill_chunk=chunk)
-            outs = []
+            jobs = []
             for _ in range(5):
                 L = rng.randint(1, S - 1)
                 n = rng.randint(1, S - L)
-                p = rand_prompt(rng, L, eng.cfg.vocab_size)
-                got, emit = collect()
-                sched.request(p, emit, max_new_tokens=n, eos_token_id=[])
-                outs.append((p, n, got))
+                jobs.append((rand_prompt(rng, L, eng.cfg.vocab_size), n))
+            outs = queue(sched, jobs)
             run(sched)
-            for p, n, got in outs:
-                assert got["tokens"] == eng.generate([p], max_new_tokens=n, eos_token_id=[]).sequences[0]
+            assert_as_generate_alone(eng, outs)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -300,17 +309,14 @@ def test_graph_paths_equal_generate(paths, emulated_graphs, family, prefill, S, 
         assert sched.warm_up() > 0
     before = _graph_keys(eng)
     rng = random.Random(S + chunk)
-    outs = []
+    jobs = []
     for _ in range(10):
         L = max(1, min(S - 1, rng.choice([1, 3, chunk, chunk + 1, S - 1, rng.randint(1, S - 1)])))
         n = rng.randint(1, min(8, S - L))
-        p = rand_prompt(rng, L, eng.cfg.vocab_size)
-        got, emit = collect()
-        sched.request(p, emit, max_new_tokens=n, eos_token_id=[])
-        outs.append((p, n, got))
+        jobs.append((rand_prompt(rng, L, eng.cfg.vocab_size), n))
+    outs = queue(sched, jobs)
     run(sched)
-    for p, n, got in outs:
-        assert got["tokens"] == ref.generate([p], max_new_tokens=n, eos_token_id=[]).sequences[0], len(p)
+    assert_as_generate_alone(ref, outs)
     if warm:
         assert _graph_keys(eng) == before
     else:
