@@ -72,8 +72,8 @@ def main():
     for name, us in kernels.most_common(15):
         print(f"| {name} | {counts[name]} | {us:.0f} | {100 * us / total:.1f} |")
 
-    prefill_report(eng, prompts, dev)
-    generate_report(eng, prompts, replay_us)
+    pass_us = prefill_report(eng, prompts, dev)
+    generate_report(eng, prompts, pass_us, replay_us)
     if args.checkpoint:
         return
 
@@ -88,12 +88,13 @@ def main():
 
 
 def prefill_report(eng, prompts, dev):
+    """-> microseconds of the prompt pass as generate() runs it (its graph where one fits, else eager)."""
     tokens = torch.tensor(prompts, device=dev)
     lengths = torch.full((len(prompts),), tokens.shape[1], device=dev)
+    fits = eng.prefill_graphs is not None and eng.prefill_graphs.fits(*tokens.shape)
     with torch.inference_mode():
         eager_us = events_us(lambda: eng.prefill(tokens, lengths, graphs=False), iters=20)
-        graph_us_ = events_us(lambda: eng.prefill(tokens, lengths), iters=20) \
-            if eng.prefill_graphs is not None and eng.prefill_graphs.fits(*tokens.shape) else float("nan")
+        graph_us_ = events_us(lambda: eng.prefill(tokens, lengths), iters=20) if fits else float("nan")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             eng.prefill(tokens, lengths, graphs=False)
             torch.cuda.synchronize()
@@ -102,19 +103,17 @@ def prefill_report(eng, prompts, dev):
     print(f"\nprompt pass, {tokens.shape[0]} x {tokens.shape[1]} tokens through {len(eng.prefill_layers)} layers: "
           f"eager {eager_us / 1e3:.2f} ms, CUDA graph {graph_us_ / 1e3:.2f} ms, "
           f"kernel time sum {ksum / 1e3:.2f} ms over {len(cuda)} kernels")
+    return graph_us_ if fits else eager_us
 
 
-def generate_report(eng, prompts, step_us):
-    """Whole generate() calls against the sum of their parts: what a call costs beyond its steps."""
+def generate_report(eng, prompts, pass_us, step_us):
+    """Whole generate() calls against the sum of their parts (the prompt pass and graph steps timed above):
+    what a call costs beyond them."""
     n = 24
     eng.generate(prompts, max_new_tokens=n, eos_token_id=[])
     call_us = events_us(lambda: eng.generate(prompts, max_new_tokens=n, eos_token_id=[]), iters=10)
-    tokens = torch.tensor(prompts, device=eng.device)
-    lengths = torch.full((len(prompts),), tokens.shape[1], device=eng.device)
-    with torch.inference_mode():
-        pass_us = events_us(lambda: eng.prefill(tokens, lengths), iters=10)
     parts = pass_us + (n - 1) * step_us
-    print(f"\ngenerate({len(prompts)} x {tokens.shape[1]} tokens, {n} new): {call_us / 1e3:.2f} ms per call; "
+    print(f"\ngenerate({len(prompts)} x {len(prompts[0])} tokens, {n} new): {call_us / 1e3:.2f} ms per call; "
           f"prompt pass {pass_us / 1e3:.2f} ms + {n - 1} steps x {step_us:.0f} us = {parts / 1e3:.2f} ms; "
           f"outside them {(call_us - parts) / 1e3:.2f} ms")
 
