@@ -29,7 +29,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ulskip.train.data import IGNORE_INDEX
 
 
 class AuxLosses:
@@ -75,7 +75,7 @@ def head_loss(model, hidden: torch.Tensor, shift_labels: torch.Tensor, fused: bo
     logits = head(hidden).float()
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / _denominator(shift_labels, num_items_in_batch, total.device)
+    return total / loss_denominator(shift_labels, num_items_in_batch, total.device)
 
 
 def hidden_match_loss(h_skip: torch.Tensor, h_full: torch.Tensor, shift_labels: torch.Tensor,
@@ -87,10 +87,12 @@ def hidden_match_loss(h_skip: torch.Tensor, h_full: torch.Tensor, shift_labels: 
     mask = (shift_labels != IGNORE_INDEX).to(h_skip.device)
     cos = F.cosine_similarity(h_skip.float(), h_full.detach().float(), dim=-1)       # [B, T]
     per_pos = torch.where(mask, 1 - cos, torch.zeros((), dtype=cos.dtype, device=cos.device))
-    return per_pos.sum() / _denominator(shift_labels, num_items_in_batch, cos.device)
+    return per_pos.sum() / loss_denominator(shift_labels, num_items_in_batch, cos.device)
 
 
-def _denominator(shift_labels, num_items_in_batch, device) -> torch.Tensor:
+def loss_denominator(shift_labels, num_items_in_batch, device) -> torch.Tensor:
+    """What a summed per-token loss is divided by, as transformers divides the cross-entropy: the label count
+    of the whole accumulated batch when the Trainer passes num_items_in_batch, else this batch's (>= 1)."""
     n = num_items_in_batch if num_items_in_batch is not None else (shift_labels != IGNORE_INDEX).sum()
     n = n.to(device) if torch.is_tensor(n) else torch.tensor(float(n), device=device)
     return n.clamp(min=1)

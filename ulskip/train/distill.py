@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ulskip.train.aux_loss import loss_denominator
+from ulskip.train.data import IGNORE_INDEX
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -25,6 +26,4 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     s = student_logits[:, :-1][mask].float() / temperature
     t = teacher_logits[:, :-1][mask].float() / temperature
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="sum")
-    denom = num_items_in_batch if num_items_in_batch is not None else mask.sum()
-    denom = denom.to(kl.device) if torch.is_tensor(denom) else torch.tensor(float(denom), device=kl.device)
-    return kl * temperature ** 2 / denom.clamp(min=1)
+    return kl * temperature ** 2 / loss_denominator(labels[:, 1:], num_items_in_batch, kl.device)
