@@ -63,6 +63,8 @@ def test_bad_gpus_and_baseline_are_refused(tmp_path):
         dc.main(base + ["--gpus", "0"])
     with pytest.raises(SystemExit, match="--baseline .* is not a folder"):
         dc.main(base + ["--baseline", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="--baseline .* is not a folder"):
+        dc.main(["report", str(tmp_path), "--baseline", str(tmp_path / "none")])
 
 
 def test_deepspeed_runs_go_through_torchrun():

@@ -178,11 +178,15 @@ def train_command(run, config, args, metrics, output_dir) -> list[str]:
         ["--bf16"] if args.bf16 else []) + (["--packing"] if args.packing else [])
 
 
+def _check_baseline(path):
+    if path and not os.path.isdir(path):
+        raise SystemExit(f"deepspeed_compare: --baseline {path!r} is not a folder (the one-GPU run's --out)")
+
+
 def cmd_run(args) -> int:
     if args.gpus < 1:
         raise SystemExit(f"deepspeed_compare: --gpus must be an integer >= 1, got {args.gpus}")
-    if args.baseline and not os.path.isdir(args.baseline):
-        raise SystemExit(f"deepspeed_compare: --baseline {args.baseline!r} is not a folder (the one-GPU run's --out)")
+    _check_baseline(args.baseline)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in runs if r not in RUNS]
     if bad:
@@ -333,6 +337,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
+    _check_baseline(args.baseline)
     report(args.out, [x.strip() for x in args.runs.split(",") if x.strip()], args.json, args.baseline)
     return 0
 
