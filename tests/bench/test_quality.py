@@ -108,3 +108,11 @@ def test_auxiliary_loss_steps(tmp_path, monkeypatch):
     text = md.read_text()
     assert text.count("| paper (multi 1,2) + auxiliary losses |") == 2
     assert "| paper + auxiliary losses | 2 |" in text
+    # multi12db: the several-speedups set with a random draft boundary (packed rows allowed), its own label
+    calls.clear()
+    quality.main(["run", "--model", "m", "--data", str(tmp_path / "data-xx"), "--out", str(out), "--steps",
+                  "multi12db-s1,multi12db-s2", "--no-bf16", "--packing"])
+    train = [c for c in calls if c[3] == "train"]
+    assert len(train) == 1 and train[0][-2:] == quality.DB_ARGS and "--packing" in train[0]
+    quality.main(["report", str(out), "--md", str(md)])
+    assert md.read_text().count("| paper (multi 1,2) + random draft boundary |") == 2

@@ -7,6 +7,7 @@ import torch
 
 from helpers import make_tokenizer, make_train_model, records
 from ulskip.train import apply_uls
+from ulskip.train.apply_uls import speedup_draw
 from ulskip.train.data import PackedULSDataset, PackingCollator, ULSCollator, encode
 
 
@@ -55,6 +56,69 @@ def test_packed_equals_unpacked(family, kw):
     assert ga.keys() == gb.keys() and ga
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _segments(ri_row):
+    """(start, length) of each record's response in one packed row: the runs of response_index >= 0 (a
+    record's prefix, at least one token, separates it from the one before)."""
+    out, vals = [], ri_row.tolist() + [-1]
+    for t, v in enumerate(vals[:-1]):
+        if v >= 0 and (t == 0 or vals[t - 1] < 0):
+            e = t
+            while vals[e] >= 0:
+                e += 1
+            out.append((t, e - t))
+    return out
+
+
+def test_random_draft_boundary_packed():
+    """draft_boundary="random" on packed rows: each record's response index is shifted down by its own k in
+    [0, r - 2] (prefix and padding untouched); a training forward equals the plain model's forward on the
+    shifted index, and that equals the unpacked records with their prefix lengths moved by the same k."""
+    tok = make_tokenizer()
+    exs = [encode(tok, {"prefix": r["prefix"], "text": r["text"] + " " + r["text"]}, 256, f"r{i}")
+           for i, r in enumerate(records()[:7])]  # longer responses: room to move
+    base = make_train_model("llama", num_layers=6, vocab_size=len(tok), seed=5).float().train()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.08)
+    moved = apply_uls(copy.deepcopy(base), target_speedup=2, draft_boundary="random", draw_seed=4)
+    plain = apply_uls(copy.deepcopy(base), target_speedup=2)
+    rows = PackedULSDataset(exs, block_size=60).rows
+    packed = PackingCollator(tok.pad_token_id)(rows)
+    ri = packed["response_index"]
+    draw, n_moved = speedup_draw(moved), 0
+    for step in range(3):
+        shifted = draw.packed_boundaries((step, 0), ri)
+        assert torch.equal(shifted[ri < 0], ri[ri < 0])  # prefix tokens and padding untouched
+        ks = []
+        for b in range(ri.shape[0]):
+            segs = _segments(ri[b])
+            assert len(segs) == len(rows[b])
+            for (t, r), ex in zip(segs, rows[b]):
+                k = ri[b, t:t + r] - shifted[b, t:t + r]
+                assert k.eq(k[0]).all() and 0 <= int(k[0]) <= max(r - 2, 0), (r, k)
+                ks.append(int(k[0]))
+                n_moved += int(k[0]) != 0
+        la, ga = _loss_and_grads(moved, packed)  # this forward draws (step, 0): the same shift
+        lb, gb = _loss_and_grads(plain, {**packed, "response_index": shifted})
+        torch.testing.assert_close(la, lb, rtol=0, atol=1e-6)
+        for n in ga:
+            torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-7, msg=n)
+        flat = [ex for row in rows for ex in row]
+        padded = ULSCollator(tok.pad_token_id)(flat)
+        padded["prefix_lengths"] = padded["prefix_lengths"] + torch.tensor(ks)
+        lc, gc = _loss_and_grads(plain, padded)
+        torch.testing.assert_close(lb, lc, rtol=1e-5, atol=1e-6)
+        for n in gb:
+            torch.testing.assert_close(gb[n], gc[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert n_moved >= 5, n_moved
+    # a fresh draw object with the same seed repeats the shifts; another seed differs
+    again = apply_uls(copy.deepcopy(base), target_speedup=2, draft_boundary="random", draw_seed=4)
+    other = apply_uls(copy.deepcopy(base), target_speedup=2, draft_boundary="random", draw_seed=5)
+    assert torch.equal(speedup_draw(again).packed_boundaries((1, 0), ri), draw.packed_boundaries((1, 0), ri))
+    assert not torch.equal(speedup_draw(other).packed_boundaries((1, 0), ri), draw.packed_boundaries((1, 0), ri))
 
 
 def test_packing_layout():

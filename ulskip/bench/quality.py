@@ -42,17 +42,20 @@ for _s in (2, 3, 5, 10):
     STEPS[f"uls{_s}-kd"] = ("paper", _s, "full", True)
     STEPS[f"uls{_s}-emb"] = ("paper", _s, "full", True)
     # the skip path starting at a drawn point inside the response (`--draft-boundary random`: the stretch
-    # before it runs every layer, as tokens verified in self-speculative decoding do); not with --packing
+    # before it runs every layer, as tokens verified in self-speculative decoding do)
     STEPS[f"uls{_s}-db"] = ("paper", _s, "full", True)
     # the auxiliary losses of the paper's code (AUX_ARGS): the full path's cross-entropy and the skip path's
     # final hidden states matched to the full path's, in every step
     STEPS[f"uls{_s}-aux"] = ("paper", _s, "full", True)
 # one checkpoint trained for several speedups (`ulskip train --target-speedups 1,2,3`, into STUDY/<set>/ckpt),
 # evaluated at each of them (`ulskip eval CKPT --target-speedup s` overrides the checkpoint's default)
-MULTI = {"multi12": (1, 2), "multi123": (1, 2, 3), "multi1235": (1, 2, 3, 5), "multi12aux": (1, 2)}
+MULTI = {"multi12": (1, 2), "multi123": (1, 2, 3), "multi1235": (1, 2, 3, 5), "multi12aux": (1, 2),
+         "multi12db": (1, 2)}
 # a first guess, not tuned: weight 1 on each auxiliary term (ulskip/train/aux_loss.py)
 AUX_ARGS = ["--full-path-loss-weight", "1", "--hidden-match-weight", "1"]
-MULTI_ARGS = {"multi12aux": AUX_ARGS}  # several-speedups sets trained with more than the recipe
+DB_ARGS = ["--draft-boundary", "random"]
+# several-speedups sets trained with more than the recipe: set -> (extra flags, the report's suffix)
+MULTI_ARGS = {"multi12aux": (AUX_ARGS, " + auxiliary losses"), "multi12db": (DB_ARGS, " + random draft boundary")}
 for _set, _speeds in MULTI.items():
     for _s in _speeds:
         STEPS[f"{_set}-s{_s}"] = ("paper", _s, "full", True)
@@ -66,7 +69,7 @@ def multi_set(name: str):
 
 def variant_args(name: str, out: str) -> list[str]:
     if multi_set(name):
-        return list(MULTI_ARGS.get(multi_set(name), []))
+        return list(MULTI_ARGS.get(multi_set(name), ([], ""))[0])
     if name.endswith("-kd"):
         teacher = os.path.join(out, "ft-full", "ckpt")
         if not os.path.isfile(os.path.join(teacher, "config.json")):
@@ -75,7 +78,7 @@ def variant_args(name: str, out: str) -> list[str]:
     if name.endswith("-emb"):
         return ["--freeze-emb", "false"]
     if name.endswith("-db"):
-        return ["--draft-boundary", "random"]
+        return list(DB_ARGS)
     if name.endswith("-aux"):
         return list(AUX_ARGS)
     return []
@@ -139,7 +142,7 @@ def run_step(name, model, data, out, train_args, eval_args, calibration):
             speeds = ",".join(str(x) for x in MULTI[multi])
             t = _run(cli + ["train", "--model-name-or-path", model, "--train-file", os.path.join(data, "train.jsonl"),
                             "--output-dir", ckpt, "--target-speedups", speeds, "--prefill", prefill, *policy,
-                            *train_args, *again, *MULTI_ARGS.get(multi, [])], os.path.join(shared, "train.log"))
+                            *train_args, *again, *step["variant"]], os.path.join(shared, "train.log"))
             with open(info, "w") as f:
                 json.dump({"train_s": t, "target_speedups": list(MULTI[multi])}, f)
         if os.path.isfile(info):
@@ -221,7 +224,7 @@ def policy_name(r) -> str:
     aux = " + auxiliary losses"
     if r.get("multi"):
         return (f"{r['strategy']} (multi {','.join(f'{x:g}' for x in r['multi'])})"
-                + (aux if multi_set(r["name"]) in MULTI_ARGS else ""))
+                + MULTI_ARGS.get(multi_set(r["name"]), ([], ""))[1])
     return r["strategy"] + {"": "", "kd": " + distillation", "emb": " + unfrozen embeddings",
                             "db": " + random draft boundary", "aux": aux}[
         r["name"].rsplit("-", 1)[-1] if r["name"].endswith(("-kd", "-emb", "-db", "-aux")) else ""]

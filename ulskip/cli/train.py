@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "draft_boundary", default="prefix", choices=["prefix", "random"],
          help="random: each training record's skip path starts at a drawn point inside its response (the "
               "stretch before it runs every layer, as verified tokens do in self-speculative decoding; the loss "
-              "stays on the whole response); needs --prefill full, no --packing (default %(default)s: at the "
+              "stays on the whole response); needs --prefill full (default %(default)s: at the "
               "prefix end)")
     flag(p, "strategy", default="paper", choices=STRATEGIES + DYNAMIC_STRATEGIES,
          help="layer policy (default %(default)s: the ULS rule; baselines: even, early-exit, shortgpt, random, "

@@ -79,12 +79,11 @@ class _ULSContext:
         if self.prefill == "skip":
             return
         if response_index is not None:  # packed rows (train/data.py PackingCollator)
-            if key is not None and self.draft_boundary == "random":
-                raise ValueError("draft_boundary='random' moves each row's prefix/response boundary: it needs "
-                                 "unpacked rows (prefix_lengths), not packed ones (response_index)")
             ri = torch.as_tensor(response_index, device=device).long()
             if ri.shape != (batch, seq_len):
                 raise ValueError(f"response_index must be [batch, seq] = {[batch, seq_len]}, got {list(ri.shape)}")
+            if key is not None and self.draft_boundary == "random":
+                ri = self.draw.packed_boundaries(key, ri)
             self.response_index, self.keeps = ri, {}
             return
         if prefix_lengths is not None:
@@ -230,6 +229,28 @@ class SpeedupDraw:
         u = torch.tensor([rng.random() for _ in range(pl.numel())], dtype=torch.float64, device=pl.device)
         return pl + (u * span).floor().long()
 
+    def packed_boundaries(self, key, response_index):
+        """boundaries() for packed rows: each record's response (a run of response_index 0, 1, ..., r - 1)
+        shifted down by its own k, uniform in [0, r - 2], so its first k response tokens run every layer (a
+        negative index is kept by every layer, as a prefix token is). All on the device, no host read: the
+        record count is not known on the host, so the uniforms come from a generator seeded by the key, one
+        per position, and each record takes the one at its first response token."""
+        ri = response_index
+        flat = ri.reshape(-1)
+        n = flat.numel()
+        resp, start = flat >= 0, flat == 0
+        pos = torch.arange(n, device=flat.device)
+        seg = torch.cumsum(start.long(), 0) - 1                  # record number of each response token
+        first = torch.cummax(torch.where(start, pos, torch.full_like(pos, -1)), 0).values  # its first token
+        slot = torch.where(resp, seg, torch.full_like(seg, n))   # prefix and padding count into a spare slot
+        r = torch.zeros(n + 1, dtype=torch.long, device=flat.device).scatter_add_(0, slot, torch.ones_like(slot))
+        seed = random.Random(f"{self.seed}:{key[0]}:{key[1]}:boundary").getrandbits(63)
+        u = torch.rand(n, generator=torch.Generator(device=flat.device).manual_seed(seed), dtype=torch.float64,
+                       device=flat.device)
+        span = (r[slot] - 1).clamp(min=1)                        # k takes r - 1 values, 0 .. r - 2
+        k = (u[first.clamp(min=0)] * span).floor().long()
+        return torch.where(resp, flat - k, flat).reshape(ri.shape)
+
 
 def speedup_draw(model):
     """The SpeedupDraw of a model prepared by apply_uls with several speedups (or a random draft boundary),
@@ -320,8 +341,9 @@ def apply_uls(model, target_speedup=None, strategy: str = "paper", prefill: str 
     every eval-mode forward) is the largest speedup; the section also records target_speedups (sorted),
     speedup_weights, schedules ({f"{s:g}": kept layers}) and speedup_draw. With prefill="skip" a layer is
     frozen only if no listed schedule keeps it. A one-element list is target_speedup (today's section).
-    draft_boundary="random" (prefill "full", unpacked rows): each training row's prefix/response boundary
-    moves to a drawn point inside its response (SpeedupDraw.boundaries); the loss stays on every response token.
+    draft_boundary="random" (prefill "full"): each training record's prefix/response boundary moves to a drawn
+    point inside its response (SpeedupDraw.boundaries; packed rows: .packed_boundaries); the loss stays on
+    every response token.
     """
     check_prefill(prefill)
     if speedup_draw not in SPEEDUP_DRAWS:

@@ -213,10 +213,9 @@ def check_speedup_args(args) -> None:
     boundary = getattr(args, "draft_boundary", "prefix")
     _need(boundary in ("prefix", "random"), "draft-boundary", boundary, "one of prefix, random (default prefix)")
     if boundary == "random":
-        if args.prefill != "full" or args.strategy == "skipdecode" or getattr(args, "packing", False):
+        if args.prefill != "full" or args.strategy == "skipdecode":
             raise TrainError("--draft-boundary random moves where each record's skip path starts inside its "
-                             "response: it needs --prefill full, a static --strategy (not skipdecode) and no "
-                             "--packing")
+                             "response: it needs --prefill full and a static --strategy (not skipdecode)")
 
 
 def uses_loss_scaling(args) -> bool:
