@@ -2,7 +2,8 @@
 # The one command every GPU run uses: build, GPU tests, kernel and engine benchmarks, logs under $OUT.
 #   bash bench/gpu_check.sh STAGE...   stages: build test kbench quick llama llamac bloom bloomc train
 # trainshort = `ulskip train` on SmolLM2 + the French data, packed rows of 512, batch 8 and 64, 60 steps each
-# (issue 12 item 5: the Trainer's train_steps_per_second in the log; TS_MODEL, TS_DATA); train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile (dtprof: of a real checkpoint, PROF_CKPT,
+# (issue 12 item 5: the Trainer's train_steps_per_second in the log; TS_MODEL, TS_DATA); smol1 = ulskip bench on the
+# real SmolLM2 (PROF_CKPT; the engine's default dtype) at 1x/2x/4x, batch 1 and 16 (issue 12 item 3's floor); train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile (dtprof: of a real checkpoint, PROF_CKPT,
 # in fp32 and bf16, with whole generate() calls against their steps: why fp32 SmolLM2 decodes ~6x slower), recheck = short ulskip vs HF eager re-run,
 # gemv = Triton GEMV vs cuBLAS probe, gemvf = the fused batch-1 GEMV of kernels/gemv.py with a config sweep
 # (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile,
@@ -75,6 +76,7 @@ for s in "${STAGES[@]}"; do
     deepspeed) stage deepspeed 540 "$DS_INSTALL && $DS_RUN --out $OUT/deepspeed ${ZERO_ARGS:-}" ;;
     deepspeed2) stage deepspeed2 580 "$DS_INSTALL && CUDA_VISIBLE_DEVICES=0,1 $DS_RUN --gpus 2 --out $OUT/deepspeed2 --baseline ${ZERO_BASELINE:-$OUT/deepspeed} ${ZERO_ARGS:-}" ;;
     prof)   stage prof 120 "python3 -m ulskip.bench.profile_decode" ;;
+    smol1)  stage smol1 150 "$BENCH --model ${PROF_CKPT:-/root/smollm2} --systems ulskip --target-speedups 1,2,4 --batch-sizes 1,16 --prompt-len 64 --new-tokens 64 --json $OUT/smol1.json" ;;
     dtprof) stage dtprof 200 "for d in fp32 bf16; do python3 -m ulskip.bench.profile_decode --checkpoint ${PROF_CKPT:-/root/smollm2} --dtype \$d || exit 1; done" ;;
     gemv)   stage gemv 150 "python3 -m ulskip.bench.gemv_probe" ;;
     gemvf)  stage gemvf 300 "python3 -m ulskip.bench.gemv_probe --fused" ;;
