@@ -13,7 +13,7 @@
 # tcomp / tcomp1 = ulskip against the torch-compile peer (issue 12; its compiles take most of the stage);
 # spec7b = the cost of a self-speculative round on llama-2-7b (random weights; SPEC_ACCEPT=a specreal json
 # projects speedups at its acceptance), specreal = acceptance and speed on a real checkpoint (SPEC_CKPT,
-# SPEC_DATA = its test.jsonl), study = quality-study steps (STUDY_MODEL, STUDY_DATA, STUDY_OUT, STUDY_STEPS,
+# SPEC_DATA = its test.jsonl; SPEC_KS = the draft lengths), study = quality-study steps (STUDY_MODEL, STUDY_DATA, STUDY_OUT, STUDY_STEPS,
 # STUDY_ARGS: see ulskip/bench/quality.py); deepspeed = the same `ulskip train` fine-tune plain, ZeRO-2 and
 # ZeRO-3 on one GPU (ulskip/bench/deepspeed_compare.py; ZERO_MODEL, ZERO_DATA = a train.jsonl, ZERO_ARGS; the
 # H200 lacks deepspeed: carry .whl3 (its wheels, built here) and .whl2 (pydantic), installed with --no-deps);
@@ -71,7 +71,7 @@ for s in "${STAGES[@]}"; do
     tcomp)  stage tcomp 580 "$BENCH --model llama-2-7b --systems ulskip,torch-compile --json $OUT/tcomp.json" ;;
     tcomp1) stage tcomp1 300 "$BENCH --model llama-2-7b --systems ulskip,torch-compile --batch-sizes 1 --json $OUT/tcomp1.json" ;;
     spec7b) stage spec7b 330 "python3 -m ulskip.bench.speculative cost --model llama-2-7b --batch-sizes 1,8,32 --draft-speedups 2,3 --num-draft-tokens 2,3,4,6,8 ${SPEC_ACCEPT:+--acceptance $SPEC_ACCEPT} --json $OUT/spec_cost_7b.json" ;;
-    specreal) stage specreal 300 "python3 -m ulskip.bench.speculative real --model $SPEC_CKPT --data $SPEC_DATA --batch-sizes 1,8,32 --draft-speedups ${SPEC_DRAFTS:-2,3} --num-draft-tokens 2,3,4,5,6,8 --json $OUT/spec_real.json" ;;
+    specreal) stage specreal 300 "python3 -m ulskip.bench.speculative real --model $SPEC_CKPT --data $SPEC_DATA --batch-sizes 1,8,32 --draft-speedups ${SPEC_DRAFTS:-2,3} --num-draft-tokens ${SPEC_KS:-2,3,4,5,6,8} --json $OUT/spec_real.json" ;;
     study)  stage study 580 "python3 -m ulskip.bench.quality run --model $STUDY_MODEL --data $STUDY_DATA --out $STUDY_OUT --steps $STUDY_STEPS $STUDY_ARGS" ;;
     deepspeed) stage deepspeed 540 "$DS_INSTALL && $DS_RUN --out $OUT/deepspeed ${ZERO_ARGS:-}" ;;
     deepspeed2) stage deepspeed2 580 "$DS_INSTALL && CUDA_VISIBLE_DEVICES=0,1 $DS_RUN --gpus 2 --out $OUT/deepspeed2 --baseline ${ZERO_BASELINE:-$OUT/deepspeed} ${ZERO_ARGS:-}" ;;
