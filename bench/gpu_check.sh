@@ -2,7 +2,9 @@
 # The one command every GPU run uses: build, GPU tests, kernel and engine benchmarks, logs under $OUT.
 #   bash bench/gpu_check.sh STAGE...   stages: build test kbench quick llama llamac bloom bloomc train
 # trainshort = `ulskip train` on SmolLM2 + the French data, packed rows of 512, batch 8 and 64, 60 steps each
-# (issue 12 item 5: the Trainer's train_steps_per_second in the log; TS_MODEL, TS_DATA); smol1 = ulskip bench on the
+# (issue 12 item 5: the Trainer's train_steps_per_second in the log; TS_MODEL, TS_DATA); trainvs = the same data through
+# plain transformers' Trainer and three `ulskip train` set-ups, timed in one run (ulskip/bench/train_vs_trainer.py;
+# TVT_ARGS=--random-init with TS_MODEL = a folder of config + tokenizer alone); smol1 = ulskip bench on the
 # real SmolLM2 (PROF_CKPT; the engine's default dtype) at 1x/2x/4x, batch 1 and 16 (issue 12 item 3's floor); train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile (dtprof: of a real checkpoint, PROF_CKPT,
 # in fp32 and bf16, with whole generate() calls against their steps: why fp32 SmolLM2 decodes ~6x slower), recheck = short ulskip vs HF eager re-run,
 # gemv = Triton GEMV vs cuBLAS probe, gemvf = the fused batch-1 GEMV of kernels/gemv.py with a config sweep
@@ -62,6 +64,7 @@ for s in "${STAGES[@]}"; do
     bloomc) stage bloomc 230 "$BENCH --model bloom-7b1 --systems hf-compile-skip --batch-sizes 1,16 --json $OUT/bloom-7b1.b.json" ;;
     train)  stage train 60 "python3 -m ulskip.bench.train --out $OUT/train_bench.json" ;;
     trainshort) stage trainshort 300 "for b in 8 64; do python3 -m ulskip.cli train --model-name-or-path ${TS_MODEL:-/root/smollm2} --train-file ${TS_DATA:-/root/data-fr/train.jsonl} --output-dir /tmp/trainshort\$b --overwrite-output-dir --packing --block-size 512 --per-device-train-batch-size \$b --max-steps 60 --learning-rate 2e-4 --bf16 --use-fused-kernels --target-speedup 2 --save-steps 100000 --logging-steps 20 || exit 1; done" ;;
+    trainvs) stage trainvs 300 "python3 -m ulskip.bench.train_vs_trainer --model ${TS_MODEL:-/root/smollm2} --train-file ${TS_DATA:-/root/data-fr/train.jsonl} ${TVT_ARGS:-} --json $OUT/train_vs_trainer.json" ;;
     train2) stage train2 150 "CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node 2 -m ulskip.bench.train --out $OUT/train_bench_x2.json" ;;
     old1)   stage old1 300 "cd .old && OUT=$OUT/old bash bench/gpu_check.sh build quick1" ;;
     serve)  stage serve 200 "python3 -m pytest -q -m gpu tests/runtime/test_engine_gpu.py -k 'continuous or chunked' && python3 -m ulskip.bench.serve_load --model llama-2-7b --target-speedup 2 --max-batch-size 16 --concurrency 1,4,16 --json $OUT/serve_load.json" ;;
