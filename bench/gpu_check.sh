@@ -8,6 +8,7 @@
 # real SmolLM2 (PROF_CKPT; the engine's default dtype) at 1x/2x/4x, batch 1 and 16 (issue 12 item 3's floor); train2 = DDP on 2 GPUs, prof = per-kernel decode-step profile (dtprof: of a real checkpoint, PROF_CKPT,
 # in fp32 and bf16, with whole generate() calls against their steps: why fp32 SmolLM2 decodes ~6x slower), recheck = short ulskip vs HF eager re-run,
 # gemv = Triton GEMV vs cuBLAS probe, gemvf = the fused batch-1 GEMV of kernels/gemv.py with a config sweep
+# (gemvs: on SmolLM2-135M's projections, issue 12 item 3)
 # (default: all; llama/bloom = ulskip + eager baselines, llamac/bloomc = HF static cache + compile,
 # quick/bloomu = ulskip rows only, to merge with earlier baseline rows: ulskip bench --merge;
 # quick1/bloomu1 = the same at batch 1 only; floors = launch / graph-node / sync floors, the bf16 GEMM rate on the prompt-pass shapes and the prompt pass's share of it (issue 12 items 3-4); pchunk = a chunked prompt pass against the whole one, timed and profiled; servelong = the load test with 1024-3000-token prompts, 512-token chunks vs whole passes; serve = continuous batching on the GPU + the serving load test (the H200 lacks fastapi/uvicorn/httpx: `pip download fastapi uvicorn httpx --dest .whl2 --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64` here, carry .whl2, there `pip install --no-index --find-links .whl2 --target /tmp/site2 fastapi uvicorn httpx; export PYTHONPATH=/tmp/site2`); old1 = build + quick1 of an older checkout unpacked in .old/
@@ -83,6 +84,7 @@ for s in "${STAGES[@]}"; do
     dtprof) stage dtprof 200 "for d in fp32 bf16; do python3 -m ulskip.bench.profile_decode --checkpoint ${PROF_CKPT:-/root/smollm2} --dtype \$d || exit 1; done" ;;
     gemv)   stage gemv 150 "python3 -m ulskip.bench.gemv_probe" ;;
     gemvf)  stage gemvf 300 "python3 -m ulskip.bench.gemv_probe --fused" ;;
+    gemvs)  stage gemvs 400 "python3 -m ulskip.bench.gemv_probe --fused --shapes smollm2" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -8,6 +8,7 @@ config sweep, each timed as CUDA-graph replays (10 calls per replay) next to tor
 
     python -m ulskip.bench.gemv_probe            # on a GPU; a table (us, GB/s, % of copy bandwidth)
     python -m ulskip.bench.gemv_probe --fused    # kernels/gemv.py with the engine's epilogues, config sweep
+    python -m ulskip.bench.gemv_probe --fused --shapes smollm2   # the same on SmolLM2-135M's projections
 """
 import sys
 
@@ -49,16 +50,30 @@ def gemv(x, w, block_n, block_k, warps, stages, out=None):
     return y
 
 
-def fused_check(dev, dt):
+# the engine's decode projections, (N, K, epilogue): glu's N is the intermediate size (the weight is [2N, K])
+FUSED_SHAPES = {
+    "llama-2-7b": {"rms+qkv": (12288, 4096, dict(norm=True)), "o+add": (4096, 4096, dict(add=True)),
+                   "rms+gate_up+silu": (11008, 4096, dict(norm=True, glu=True)),
+                   "down+add": (4096, 11008, dict(add=True)), "rms+lm_head": (32000, 4096, dict(norm=True))},
+    # SmolLM2-135M: hidden 576, 9 query / 3 KV heads of 64, intermediate 1536, vocabulary 49152. Its GEMVs run
+    # ~4 us each on the H200 against 0.3-0.9 us of bytes (bench/RESULTS.md, sixth session): the default
+    # BLOCK_N of 32 gives 18-48 programs on 132 SMs, so the sweep adds BLOCK_N 16 and BLOCK_K 64
+    "smollm2": {"rms+qkv": (960, 576, dict(norm=True)), "o+add": (576, 576, dict(add=True)),
+                "rms+gate_up+silu": (1536, 576, dict(norm=True, glu=True)),
+                "down+add": (576, 1536, dict(add=True)), "rms+lm_head": (49152, 576, dict(norm=True))},
+}
+
+
+def fused_check(dev, dt, shape_set="llama-2-7b"):
     """kernels/gemv.py with each engine epilogue at M = 1 and 16 over a small config sweep, next to the
     plain probe kernel and cuBLAS (F.linear) with the same ops done by PyTorch / the Triton kernels."""
     F_ = F
+    print(f"{shape_set} projections")
     print("| proj | M | cuBLAS + ops us | probe (plain) us | fused, default cfg us | best fused us | best cfg |\n"
           "|---|---|---|---|---|---|---|")
-    shapes = {"rms+qkv": (12288, 4096, dict(norm=True)), "o+add": (4096, 4096, dict(add=True)),
-              "rms+gate_up+silu": (11008, 4096, dict(norm=True, glu=True)),
-              "down+add": (4096, 11008, dict(add=True)), "rms+lm_head": (32000, 4096, dict(norm=True))}
-    configs = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256) for w in (4, 8) for st in (3, 4)]
+    shapes = FUSED_SHAPES[shape_set]
+    bks = (64, 128, 256) if shape_set == "smollm2" else (128, 256)
+    configs = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in bks for w in (4, 8) for st in (3, 4)]
     for name, (N, K, kw) in shapes.items():
         NW = 2 * N if kw.get("glu") else N
         ws = [torch.randn(NW, K, device=dev, dtype=dt) * 0.02 for _ in range(max(2, 200_000_000 // (NW * K * 2)))]
@@ -98,7 +113,10 @@ def fused_check(dev, dt):
 def main():
     dev, dt = torch.device("cuda"), torch.bfloat16
     if "--fused" in sys.argv:
-        return fused_check(dev, dt)
+        shape_set = sys.argv[sys.argv.index("--shapes") + 1] if "--shapes" in sys.argv else "llama-2-7b"
+        if shape_set not in FUSED_SHAPES:
+            raise SystemExit(f"gemv_probe: --shapes {shape_set!r} is not one of {', '.join(FUSED_SHAPES)}")
+        return fused_check(dev, dt, shape_set)
     bw = measure_bandwidth(dev)["GBps"]
     print(f"copy bandwidth {bw:.0f} GB/s")
     shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
