@@ -22,6 +22,8 @@ def test_real_and_cost_runs(tmp_path, capsys):
     rows = result["rows"]
     spec = [r for r in rows if r["system"] == "speculative"]
     assert len(spec) == 4 and all(r["identical_sequences"] == r["sequences"] == 6 for r in spec)  # fp32: exact
+    base = [r for r in rows if r["system"] == "all layers"]
+    assert [r["identical_to_first_batch"] for r in base] == [6, 6]  # fp32 greedy: batch-invariant
     assert all(1 <= r["tokens_per_verify"] <= r["num_draft_tokens"] + 1 for r in spec)
     cost = tmp_path / "cost.json"
     assert speculative.main(["cost", "--model", "tiny-llama", "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "1,4",
