@@ -68,8 +68,21 @@ def test_model_flops_by_hand():
     (["--configs", "trainer,hf"], "--configs: unknown ['hf']"),
     (["--steps", "5", "--warmup", "5"], "--steps (5) must exceed --warmup (5)"),
     (["--warmup", "0"], "--warmup must be at least 1"),
+    (["--trainer-batch-size", "0"], "--trainer-batch-size must be at least 1"),
+    (["--peak-tflops", "-5"], "--peak-tflops must be a positive number"),
+    (["--peak-tflops", "0"], "--peak-tflops must be a positive number"),
 ])
 def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
         tvt.parse(["--model", "m", "--train-file", "d", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_cpu_refused_when_a_gpu_is_visible(setup, monkeypatch):
+    """--cpu with a CUDA device visible: `ulskip train` would put the uls configs on the GPU (timed with no sync)
+    while the trainer row runs on the CPU; refused before anything runs."""
+    ckpt, data = setup
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES"):
+        tvt.main(["--model", ckpt, "--train-file", data, "--cpu", "--steps", "3", "--warmup", "1",
+                  "--trainer-batch-size", "2", "--block-size", "64", "--configs", "uls1-padded"])

@@ -46,7 +46,7 @@ def parse(argv=None):
     p.add_argument("--random-init", action="store_true",
                    help="--model's config and tokenizer with random weights (seed 0): throughput does not depend on "
                         "the weights, and a folder of config + tokenizer files travels where the weights cannot")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU in fp32 (smoke test; no --bf16)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU in fp32 (smoke test; no --bf16; refused while a GPU is visible)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     bad = [c for c in a.configs.split(",") if c not in CONFIGS]
@@ -54,6 +54,10 @@ def parse(argv=None):
         p.error(f"--configs: unknown {bad}; known: {', '.join(CONFIGS)}")
     if a.warmup < 1 or a.steps <= a.warmup:
         p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup}), and --warmup must be at least 1")
+    if a.trainer_batch_size < 1:
+        p.error(f"--trainer-batch-size must be at least 1, got {a.trainer_batch_size}")
+    if a.peak_tflops is not None and not 0 < a.peak_tflops < float("inf"):
+        p.error(f"--peak-tflops must be a positive number, got {a.peak_tflops}")
     return a
 
 
@@ -188,6 +192,11 @@ def run_config(args, name, device):
 def main(argv=None):
     args = parse(argv)
     device = torch.device("cpu" if args.cpu else "cuda")
+    if args.cpu and torch.cuda.is_available():
+        # `ulskip train` (the uls configs) takes the GPU whenever one is visible: the trainer row would run on the
+        # CPU, the others on the GPU, timed without a sync
+        raise SystemExit("train_vs_trainer: --cpu, but a CUDA device is visible and `ulskip train` would use it; "
+                         "hide it for a CPU run (CUDA_VISIBLE_DEVICES=)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train_vs_trainer: no CUDA device (use --cpu for a smoke test)")
     peak = args.peak_tflops
