@@ -7,7 +7,7 @@ import torch
 
 from helpers import make_tokenizer, make_train_model, records
 from ulskip.train import apply_uls
-from ulskip.train.apply_uls import speedup_draw
+from ulskip.train.apply_uls import SpeedupDraw, speedup_draw
 from ulskip.train.data import PackedULSDataset, PackingCollator, ULSCollator, encode
 
 
@@ -119,6 +119,28 @@ def test_random_draft_boundary_packed():
     other = apply_uls(copy.deepcopy(base), target_speedup=2, draft_boundary="random", draw_seed=5)
     assert torch.equal(speedup_draw(again).packed_boundaries((1, 0), ri), draw.packed_boundaries((1, 0), ri))
     assert not torch.equal(speedup_draw(other).packed_boundaries((1, 0), ri), draw.packed_boundaries((1, 0), ri))
+
+
+def test_packed_boundaries_edge_cases():
+    """Records with a response of 1 or 2 tokens keep k = 0; longer ones draw every k in [0, r - 2] over keys;
+    padding at a row's end, a row filled to its last token and a record of prefix length 0 (a response token
+    first in its row, which encode never makes) are handled; the same key repeats its draw."""
+    ex = lambda p, r: {"input_ids": list(range(1, p + r + 1)), "prefix_length": p}  # noqa: E731
+    rows = [[ex(2, 1), ex(1, 2), ex(1, 5)], [ex(1, 13)], [ex(0, 4), ex(2, 6)]]
+    ri = PackingCollator(0, pad_to_multiple_of=8)(rows)["response_index"]  # T = 16: every row ends in padding
+    ri = torch.cat([ri, torch.tensor([[-1] + list(range(15))])])          # and one filled to its last token
+    draw, seen = SpeedupDraw(seed=1), {}
+    for step in range(40):
+        out = draw.packed_boundaries((step, 0), ri)
+        assert torch.equal(out, draw.packed_boundaries((step, 0), ri))
+        assert torch.equal(out[ri < 0], ri[ri < 0])
+        for b in range(ri.shape[0]):
+            for t, r in _segments(ri[b]):
+                k = ri[b, t:t + r] - out[b, t:t + r]
+                assert k.eq(k[0]).all() and 0 <= int(k[0]) <= max(r - 2, 0), (b, t, r, k)
+                seen.setdefault(r, set()).add(int(k[0]))
+    assert seen == {1: {0}, 2: {0}, 4: {0, 1, 2}, 5: {0, 1, 2, 3}, 6: set(range(5)), 13: set(range(12)),
+                    15: set(range(14))}, seen
 
 
 def test_packing_layout():
