@@ -238,17 +238,17 @@ class SpeedupDraw:
         ri = response_index
         flat = ri.reshape(-1)
         n = flat.numel()
-        resp, start = flat >= 0, flat == 0
+        resp = flat >= 0
         pos = torch.arange(n, device=flat.device)
-        seg = torch.cumsum(start.long(), 0) - 1                  # record number of each response token
-        first = torch.cummax(torch.where(start, pos, torch.full_like(pos, -1)), 0).values  # its first token
-        slot = torch.where(resp, seg, torch.full_like(seg, n))   # prefix and padding count into a spare slot
-        r = torch.zeros(n + 1, dtype=torch.long, device=flat.device).scatter_add_(0, slot, torch.ones_like(slot))
+        # each response token's record, named by the position of its first response token (index 0 there);
+        # prefix and padding count into a spare slot n
+        first = torch.where(resp, pos - flat, torch.full_like(pos, n))
+        r = torch.zeros(n + 1, dtype=torch.long, device=flat.device).scatter_add_(0, first, torch.ones_like(first))
         seed = random.Random(f"{self.seed}:{key[0]}:{key[1]}:boundary").getrandbits(63)
         u = torch.rand(n, generator=torch.Generator(device=flat.device).manual_seed(seed), dtype=torch.float64,
                        device=flat.device)
-        span = (r[slot] - 1).clamp(min=1)                        # k takes r - 1 values, 0 .. r - 2
-        k = (u[first.clamp(min=0)] * span).floor().long()
+        span = (r[first] - 1).clamp(min=1)                       # k takes r - 1 values, 0 .. r - 2
+        k = (u[first.clamp(max=n - 1)] * span).floor().long()   # (the spare slot's k is never used)
         return torch.where(resp, flat - k, flat).reshape(ri.shape)
 
 
