@@ -150,6 +150,13 @@ def run_mode(args, mode, device, rank, world):
     return res
 
 
+def default_peak_tflops(device) -> float | None:
+    """The GPU's dense bf16 peak for MFU: NVIDIA's 989 TFLOP/s for an H100 / H200 SXM, else None (unknown)."""
+    if device.type == "cuda" and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):
+        return 989.0
+    return None
+
+
 def main(argv=None):
     args = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -164,9 +171,8 @@ def main(argv=None):
         import torch.distributed as dist
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.backends.cuda.matmul.allow_tf32 = True
-    if args.peak_tflops is None and device.type == "cuda" and any(
-            n in torch.cuda.get_device_name(device) for n in ("H100", "H200")):
-        args.peak_tflops = 989.0  # NVIDIA's dense bf16 figure for H100 / H200 SXM
+    if args.peak_tflops is None:
+        args.peak_tflops = default_peak_tflops(device)
     results = []
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         results.append(run_mode(args, mode, device, rank, world))

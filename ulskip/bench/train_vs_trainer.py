@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from ulskip.bench.train import default_peak_tflops
+
 CONFIGS = ("trainer", "uls1-padded", "uls2-packed8", "uls2-packed64")
 
 
@@ -199,9 +201,7 @@ def main(argv=None):
                          "hide it for a CPU run (CUDA_VISIBLE_DEVICES=)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train_vs_trainer: no CUDA device (use --cpu for a smoke test)")
-    peak = args.peak_tflops
-    if peak is None and device.type == "cuda" and any(g in torch.cuda.get_device_name(device) for g in ("H100", "H200")):
-        peak = 989.0
+    peak = args.peak_tflops if args.peak_tflops is not None else default_peak_tflops(device)
     rows = []
     meta = {"model": args.model, "train_file": args.train_file, "steps": args.steps, "warmup": args.warmup,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
