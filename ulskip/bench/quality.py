@@ -54,8 +54,11 @@ MULTI = {"multi12": (1, 2), "multi123": (1, 2, 3), "multi1235": (1, 2, 3, 5), "m
 # a first guess, not tuned: weight 1 on each auxiliary term (ulskip/train/aux_loss.py)
 AUX_ARGS = ["--full-path-loss-weight", "1", "--hidden-match-weight", "1"]
 DB_ARGS = ["--draft-boundary", "random"]
-# several-speedups sets trained with more than the recipe: set -> (extra flags, the report's suffix)
-MULTI_ARGS = {"multi12aux": (AUX_ARGS, " + auxiliary losses"), "multi12db": (DB_ARGS, " + random draft boundary")}
+# a recipe variant's words in the report (a step name's suffix, or a several-speedups set's variant)
+VARIANT_NAMES = {"kd": " + distillation", "emb": " + unfrozen embeddings", "db": " + random draft boundary",
+                 "aux": " + auxiliary losses"}
+# several-speedups sets trained with more than the recipe: set -> (extra flags, its VARIANT_NAMES key)
+MULTI_ARGS = {"multi12aux": (AUX_ARGS, "aux"), "multi12db": (DB_ARGS, "db")}
 for _set, _speeds in MULTI.items():
     for _s in _speeds:
         STEPS[f"{_set}-s{_s}"] = ("paper", _s, "full", True)
@@ -221,13 +224,11 @@ def collect(dirs):
 
 def policy_name(r) -> str:
     """The report's policy column: the layer policy, a recipe variant, or the set of a several-speedups run."""
-    aux = " + auxiliary losses"
     if r.get("multi"):
+        variant = MULTI_ARGS.get(multi_set(r["name"]), ([], None))[1]
         return (f"{r['strategy']} (multi {','.join(f'{x:g}' for x in r['multi'])})"
-                + MULTI_ARGS.get(multi_set(r["name"]), ([], ""))[1])
-    return r["strategy"] + {"": "", "kd": " + distillation", "emb": " + unfrozen embeddings",
-                            "db": " + random draft boundary", "aux": aux}[
-        r["name"].rsplit("-", 1)[-1] if r["name"].endswith(("-kd", "-emb", "-db", "-aux")) else ""]
+                + VARIANT_NAMES.get(variant, ""))
+    return r["strategy"] + VARIANT_NAMES.get(r["name"].rsplit("-", 1)[-1], "")
 
 
 def cmd_report(args):
