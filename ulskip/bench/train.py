@@ -52,6 +52,12 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+def layer_forward_flops(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int | None = None) -> int:
+    """Forward matmul FLOPs of one Llama decoder layer per token: q, k, v, o and the SwiGLU's three."""
+    d = head_dim or hidden // heads
+    return 2 * (hidden * heads * d + 2 * hidden * kv_heads * d + heads * d * hidden + 3 * hidden * intermediate)
+
+
 def model_flops_per_step(args, mode) -> float:
     """The FLOPs a training step needs by the method, forward + backward (3x forward): each token through the
     layers it runs (uls: prefix tokens through all layers, response tokens through the kept ones), causal
@@ -60,8 +66,7 @@ def model_flops_per_step(args, mode) -> float:
     FLOPs: MFU = these / time / peak."""
     from ulskip.schedule import uls_schedule
     H, I, L, V, T = args.hidden, args.intermediate, args.layers, args.vocab, args.seq
-    kv = H // args.heads * args.kv_heads
-    layer = 2 * (H * (H + 2 * kv) + H * H + 3 * H * I)          # forward matmul FLOPs per token per layer
+    layer = layer_forward_flops(H, I, args.heads, args.kv_heads)
     P = max(1, int(T * args.prefix_frac))
     kept = len(uls_schedule(L, args.speedup)) if mode == "uls" else L
     tokens_layers = P * L + (T - P) * kept                        # (token, layer) pairs the step runs

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from ulskip.bench.train import default_peak_tflops
+from ulskip.bench.train import default_peak_tflops, layer_forward_flops
 
 CONFIGS = ("trainer", "uls1-padded", "uls2-packed8", "uls2-packed64")
 
@@ -96,12 +96,10 @@ def _timer_callback(warmup: int, device):
 
 def model_flops(config, kept: int, prefix_tokens: int, response_tokens: int) -> float:
     """Forward + backward FLOPs of the tokens' matmuls (see the module docstring)."""
-    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    d = getattr(config, "head_dim", None) or h // heads
-    layer = 2 * (h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * i)  # forward, per token and layer
-    head = 2 * h * config.vocab_size
+    layer = layer_forward_flops(config.hidden_size, config.intermediate_size, heads,
+                                getattr(config, "num_key_value_heads", None) or heads, getattr(config, "head_dim", None))
+    L, head = config.num_hidden_layers, 2 * config.hidden_size * config.vocab_size
     return 3.0 * ((prefix_tokens * L + response_tokens * kept) * layer + response_tokens * head)
 
 
