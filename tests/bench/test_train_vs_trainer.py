@@ -64,6 +64,16 @@ def test_model_flops_by_hand():
     assert tvt.model_flops(C, kept=2, prefix_tokens=5, response_tokens=3) == 3 * ((5 * 4 + 3 * 2) * layer + 3 * head)
 
 
+def test_missing_model_or_data_is_one_line(setup, tmp_path):
+    ckpt, data = setup
+    for argv, message in ((["--model", str(tmp_path / "none"), "--train-file", data], "--model"),
+                          (["--model", ckpt, "--train-file", str(tmp_path / "none.jsonl")], "matches no files")):
+        with pytest.raises(SystemExit) as e:
+            tvt.main([*argv, "--cpu", "--steps", "2", "--warmup", "1"])
+        assert str(e.value).startswith("train_vs_trainer: ") and message in str(e.value)
+        assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--configs", "trainer,hf"], "--configs: unknown ['hf']"),
     (["--steps", "5", "--warmup", "5"], "--steps (5) must exceed --warmup (5)"),

@@ -190,7 +190,22 @@ def run_config(args, name, device):
 
 
 def main(argv=None):
+    from ulskip.train.data import DataError
+    from ulskip.train.safety import TrainError
+
     args = parse(argv)
+    try:
+        return _main(args)
+    except (DataError, TrainError) as e:  # a missing folder or file, a bad record: one line, as ulskip train
+        raise SystemExit(f"train_vs_trainer: {e}") from None
+
+
+def _main(args):
+    from ulskip.train.data import resolve_files
+    from ulskip.train.safety import check_model_folder
+
+    check_model_folder(args.model, "--model")  # config.json and a tokenizer (weights too, unless --random-init)
+    resolve_files(args.train_file)
     device = torch.device("cpu" if args.cpu else "cuda")
     if args.cpu and torch.cuda.is_available():
         # `ulskip train` (the uls configs) takes the GPU whenever one is visible: the trainer row would run on the
