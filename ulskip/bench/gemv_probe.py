@@ -113,7 +113,8 @@ def fused_check(dev, dt, shape_set="llama-2-7b"):
 def main():
     dev, dt = torch.device("cuda"), torch.bfloat16
     if "--fused" in sys.argv:
-        shape_set = sys.argv[sys.argv.index("--shapes") + 1] if "--shapes" in sys.argv else "llama-2-7b"
+        at = sys.argv.index("--shapes") + 1 if "--shapes" in sys.argv else None
+        shape_set = "llama-2-7b" if at is None else (sys.argv[at] if at < len(sys.argv) else "")
         if shape_set not in FUSED_SHAPES:
             raise SystemExit(f"gemv_probe: --shapes {shape_set!r} is not one of {', '.join(FUSED_SHAPES)}")
         return fused_check(dev, dt, shape_set)
