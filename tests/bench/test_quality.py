@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from helpers import make_checkpoint, records, write_jsonl
 from ulskip.bench import quality
 
@@ -116,3 +118,90 @@ def test_auxiliary_loss_steps(tmp_path, monkeypatch):
     assert len(train) == 1 and train[0][-2:] == quality.DB_ARGS and "--packing" in train[0]
     quality.main(["report", str(out), "--md", str(md)])
     assert md.read_text().count("| paper (multi 1,2) + random draft boundary |") == 2
+
+
+def test_steps_run_at_once_after_what_they_need():
+    """--jobs N: independent steps overlap (two of them meet at a barrier that only concurrent runs pass),
+    a distillation step starts after ft-full and a several-speedups step after its set's first; a failure
+    starts nothing new and names every failed and unstarted step."""
+    import threading
+    meet, order, lock = threading.Barrier(2, timeout=20), [], threading.Lock()
+
+    def run_one(step):
+        with lock:
+            order.append(("start", step))
+        if step in ("ee2", "sg2"):
+            meet.wait()  # raises BrokenBarrierError unless both run at once
+        with lock:
+            order.append(("end", step))
+
+    steps = ["uls2-kd", "multi12-s2", "ft-full", "multi12-s1", "ee2", "sg2"]
+    assert quality.step_needs("uls2-kd", steps) == ["ft-full"] and quality.step_needs("multi12-s1", steps) == ["multi12-s2"]
+    quality.run_steps(steps, 3, run_one)
+    assert sorted(s for e, s in order if e == "end") == sorted(steps)
+    assert order.index(("end", "ft-full")) < order.index(("start", "uls2-kd"))
+    assert order.index(("end", "multi12-s2")) < order.index(("start", "multi12-s1"))
+
+    def failing(step):
+        if step == "ft-full":
+            raise SystemExit("quality study: ft-full failed")
+    with pytest.raises(SystemExit, match=r"ft-full failed\nquality study: not started: uls2-kd"):
+        quality.run_steps(["ft-full", "uls2-kd"], 2, failing)
+
+
+def test_reuse_checkpoints_evaluates_another_studys_fine_tunes(tmp_path, monkeypatch):
+    """--reuse-checkpoints: the steps' trained checkpoints of an earlier study are evaluated (here with the
+    paper's decode settings) and not trained again; the step keeps the earlier recipe; a missing one is one
+    clear line. Commands recorded, not run."""
+    calls = []
+    monkeypatch.setattr(quality, "_run", _recording_run(calls))
+    first, again = tmp_path / "greedy", tmp_path / "beam"
+    base = ["run", "--model", "m", "--data", str(tmp_path / "data-xx"), "--no-bf16", "--steps", "ft-full,uls2-full"]
+    quality.main(base + ["--out", str(first), "--lr", "3e-4"])
+    calls.clear()
+    quality.main(base + ["--out", str(again), "--paper-decode", "--reuse-checkpoints", str(first), "--jobs", "2"])
+    assert [c[3] for c in calls] == ["eval", "eval"] and all("--paper-decode" in c for c in calls)
+    assert sorted(c[4] for c in calls) == [str(first / "ft-full" / "ckpt"), str(first / "uls2-full" / "ckpt")]
+    step = json.load(open(again / "uls2-full" / "step.json"))
+    assert step["reused_from"] == str(first / "uls2-full" / "ckpt")
+    assert step["train_args"][step["train_args"].index("--learning-rate") + 1] == "0.0003"
+    with pytest.raises(SystemExit, match="has no trained ee2"):
+        quality.main(base[:-1] + ["ee2", "--out", str(tmp_path / "x"), "--reuse-checkpoints", str(first)])
+    with pytest.raises(SystemExit, match="--jobs must be at least 1, got 0"):
+        quality.main(base + ["--out", str(again), "--jobs", "0"])
+    with pytest.raises(SystemExit, match="is not a folder"):
+        quality.main(base + ["--out", str(again), "--reuse-checkpoints", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="named twice"):
+        quality.main(base[:-1] + ["ee2,ee2", "--out", str(again)])
+
+
+def test_report_names_recipe_and_decoding_and_skipdecode_budget(tmp_path, monkeypatch):
+    """Rows of other recipes or decode settings are labelled and measured against the full fine-tune of their
+    own recipe and decoding; a SkipDecode row shows (and is timed at) the layers its decode steps ran."""
+    calls = []
+    monkeypatch.setattr(quality, "_run", _recording_run(calls))
+    data = str(tmp_path / "data-xx")
+    quality.main(["run", "--model", "m", "--data", data, "--out", str(tmp_path / "a"), "--no-bf16",
+                  "--steps", "ft-full,uls2-full,sd2"])
+    quality.main(["run", "--model", "m", "--data", data, "--out", str(tmp_path / "b"), "--no-bf16", "--lr", "4e-4",
+                  "--epochs", "4", "--steps", "ft-full,uls2-full"])
+    # the recorded eval gives BLEU 20 everywhere; make the 4-epoch full fine-tune 40, and sd2 a SkipDecode result
+    ev = json.load(open(tmp_path / "b" / "ft-full" / "eval.json"))
+    json.dump({**ev, "bleu": 40.0}, open(tmp_path / "b" / "ft-full" / "eval.json", "w"))
+    ev = json.load(open(tmp_path / "a" / "sd2" / "eval.json"))
+    ev["settings"].update(skipdecode={"max_depth": 4, "min_depth": 2, "horizon": 64}, kept_layers=[2, 3, 4, 5])
+    json.dump({**ev, "decode_layers_per_step": 3.6}, open(tmp_path / "a" / "sd2" / "eval.json", "w"))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": [
+        {"system": "ulskip", "status": "ok", "num_kept": k, "prefill": "full", "batch_size": b,
+         "tokens_per_s": 600.0 / k, "decode_ms_per_step": k / 6} for k in (3, 4, 6) for b in (1, 16)]}))
+    md = tmp_path / "q.md"
+    quality.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--speed", str(bench), "--md", str(md),
+                  "--plot", str(tmp_path / "q.png")])
+    lines = md.read_text().splitlines()
+    row = lambda *parts: next(ln for ln in lines if all(p in ln for p in parts))  # noqa: E731
+    assert "| 100% |" in row("| paper | 2 |", "2 ep, lr 0.0001") and "| 50% |" in row("| paper | 2 |", "4 ep, lr 0.0004")
+    assert "| 3.6/6 avg |" in row("| skipdecode |") and "| 1.50x / 1.50x |" in row("| skipdecode |")
+    assert all(ln.endswith("| greedy |") for ln in lines[2:])
+    assert quality.recipe_name(None) == "-" and quality.decode_name({"num_beams": 4, "no_repeat_ngram_size": 3}) == \
+        "beam 4, no-repeat 3"

@@ -83,6 +83,7 @@ def test_eval_cli_end_to_end(ckpt, data, tmp_path, capsys):
     assert r["bleu"] == pytest.approx(sacrebleu.corpus_bleu(r["hypotheses"], [refs]).score)
     assert r["settings"]["kept_layers"] == [0, 3] and r["perplexity"] > 1 and math.isfinite(r["perplexity"])
     assert r["tokens_per_s"] > 0 and r["new_tokens"] > 0
+    assert r["decode_layers_per_step"] == 2 and r["settings"]["skipdecode"] is None  # a static schedule: K
     # the paper's decode settings and a baseline policy run too
     assert main(["eval", ckpt, "--data", data, "--target-speedup", "2", "--strategy", "early-exit", "--limit", "4",
                  "--paper-decode", "--no-perplexity", "--no-progress", "--json", str(out)]) == 0
@@ -168,3 +169,23 @@ def test_perplexity_of_a_batch_whose_rows_end_at_different_places(ckpt):
     short = Engine.from_pretrained(ckpt, target_speedup=2, max_batch_size=2, max_seq_len=longest - 1)
     with pytest.raises(ValueError, match=f"a record of {longest} tokens .* exceeds the engine's max_seq_len"):
         response_nll(short, exs)
+
+
+def test_skipdecode_eval_reports_the_layers_its_steps_ran(ckpt, data, tmp_path):
+    """SkipDecode's depth falls with the response position, so its realized layers per decode step depend on
+    the lengths generated: eval reports that mean (recomputed here from the hypotheses' lengths)."""
+    from ulskip.schedule import skipdecode
+    out = tmp_path / "sd.json"
+    assert main(["eval", ckpt, "--data", data, "--target-speedup", "2", "--strategy", "skipdecode", "--batch-size",
+                 "4", "--max-new-tokens", "8", "--no-perplexity", "--no-progress", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    sd = skipdecode(4, 2)
+    assert r["settings"]["skipdecode"] == sd.as_dict()
+    eng = Engine.from_pretrained(ckpt, target_speedup=2, strategy="skipdecode", max_batch_size=4, max_seq_len=64)
+    exs = tokenize(eng.tokenizer, read_records([data]))
+    lengths = [len(q) for i in range(0, len(exs), 4)
+               for q in eng.generate([e["prompt"] for e in exs[i:i + 4]], max_new_tokens=8,
+                                     eos_token_id=eng.eos_token_ids or None).sequences]
+    want = sum(sd.depth(j) for n in lengths for j in range(n - 1)) / sum(n - 1 for n in lengths)
+    assert r["decode_layers_per_step"] == pytest.approx(want)
+    assert sd.min_depth <= r["decode_layers_per_step"] <= sd.max_depth

@@ -12,6 +12,11 @@ plus train.log and the step's settings in step.json.
 A several-speedups step (multi123-s2: `ulskip train --target-speedups 1,2,3` once into STUDY/multi123/ckpt,
 evaluated with `ulskip eval CKPT --target-speedup 2`) is reported as policy "paper (multi 1,2,3)".
 
+--jobs N runs N steps at once: a fine-tune of this small model keeps the GPU mostly idle (the host is the
+bound), so several on one GPU finish several times sooner. A distillation step waits for ft-full, a
+several-speedups step for its set's first step. --reuse-checkpoints DIR evaluates another study's trained
+checkpoints (e.g. with --paper-decode) instead of training again.
+
 Budgets are matched by kept layers per token (K = floor(L / s) for every policy), so the decode speed of a
 row depends only on K and the prefill mode: it comes from one `ulskip bench` run on the same model
 (--speed), not from each checkpoint.
@@ -24,6 +29,8 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 # name -> (strategy, target speedup, prefill, fine-tuned). "base-*": the pretrained model, no fine-tune.
 STEPS = {
@@ -116,7 +123,7 @@ def _run(cmd, log):
     return time.perf_counter() - t0
 
 
-def run_step(name, model, data, out, train_args, eval_args, calibration):
+def run_step(name, model, data, out, train_args, eval_args, calibration, reuse=None):
     strategy, speedup, prefill, trained = STEPS[name]
     d = os.path.join(out, name)
     result = os.path.join(d, "eval.json")
@@ -129,10 +136,12 @@ def run_step(name, model, data, out, train_args, eval_args, calibration):
     policy = ["--strategy", strategy] + (["--calibration", calibration] if strategy == "shortgpt" else [])
     multi = multi_set(name)
     step = {"name": name, "strategy": strategy, "target_speedup": speedup, "prefill": prefill,
-            "fine_tuned": trained, "variant": variant_args(name, out) if trained else [], "model": model,
+            "fine_tuned": trained, "variant": variant_args(name, out) if trained and not reuse else [], "model": model,
             "data": data, "train_args": train_args if trained else None,
             "eval_args": eval_args, "multi": list(MULTI[multi]) if multi else None}
     ckpt, train_s = model, None
+    if multi and reuse:
+        raise SystemExit(f"quality study: --reuse-checkpoints does not take several-speedups steps ({name})")
     if multi:
         # trained once for the whole set (the first of its steps to run does it); each step evaluates it at
         # its own speedup, the explicit --target-speedup overriding the checkpoint's default schedule
@@ -154,7 +163,16 @@ def run_step(name, model, data, out, train_args, eval_args, calibration):
         schedule = ["--target-speedup", str(speedup), "--prefill", prefill, *policy]
     elif trained:
         ckpt = os.path.join(d, "ckpt")
-        if not os.path.isfile(os.path.join(ckpt, "config.json")):
+        if reuse:
+            # another study's checkpoint of this step (same recipe), evaluated here with this run's eval flags
+            ckpt = os.path.join(reuse, name, "ckpt")
+            if not os.path.isfile(os.path.join(ckpt, "config.json")):
+                raise SystemExit(f"quality study: --reuse-checkpoints {reuse} has no trained {name} "
+                                 f"({ckpt}/config.json is missing)")
+            with open(os.path.join(reuse, name, "step.json")) as f:
+                done = json.load(f)
+            step.update(train_args=done["train_args"], variant=done["variant"], reused_from=ckpt)
+        elif not os.path.isfile(os.path.join(ckpt, "config.json")):
             # a run stopped by a time limit left a folder without the final model: train it again from scratch
             again = ["--overwrite-output-dir"] if os.path.isdir(ckpt) and os.listdir(ckpt) else []
             train_s = _run(cli + ["train", "--model-name-or-path", model, "--train-file",
@@ -177,19 +195,70 @@ def run_step(name, model, data, out, train_args, eval_args, calibration):
           f"eval {eval_s:.0f} s)", flush=True)
 
 
+def step_needs(name: str, steps: list[str]) -> list[str]:
+    """The steps of this run that `name` must wait for when steps run at once: a distillation step its
+    teacher (ft-full), a several-speedups step the first of its set (which trains the shared checkpoint)."""
+    needs = ["ft-full"] if name.endswith("-kd") and "ft-full" in steps else []
+    multi = multi_set(name)
+    if multi:
+        first = next(s for s in steps if multi_set(s) == multi)
+        needs += [first] if first != name else []
+    return needs
+
+
+def run_steps(steps: list[str], jobs: int, run_one) -> None:
+    """run_one(step) for every step, up to `jobs` at once, each after the steps it needs. After a failure no
+    new step starts; the running ones finish, then every failure is reported."""
+    if jobs == 1:
+        for s in steps:
+            run_one(s)
+        return
+    pending, running, done, failed = list(steps), {}, set(), {}
+    with ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            for s in [s for s in pending if not failed and all(n in done for n in step_needs(s, steps))]:
+                if len(running) < jobs:
+                    pending.remove(s)
+                    running[pool.submit(run_one, s)] = s
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                s = running.pop(f)
+                try:
+                    f.result()
+                    done.add(s)
+                except SystemExit as e:
+                    failed[s] = str(e)
+    if failed:
+        raise SystemExit("\n".join(failed.values()) + (f"\nquality study: not started: {', '.join(pending)}"
+                                                        if pending else ""))
+
+
 def cmd_run(args):
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     bad = [s for s in steps if s not in STEPS]
     if bad:
         raise SystemExit(f"quality study: unknown steps {bad}; known: {', '.join(STEPS)}")
+    if len(set(steps)) != len(steps):
+        raise SystemExit(f"quality study: a step is named twice in --steps {args.steps}")
+    if args.jobs < 1:
+        raise SystemExit(f"quality study: --jobs must be at least 1, got {args.jobs}")
+    if args.reuse_checkpoints and not os.path.isdir(args.reuse_checkpoints):
+        raise SystemExit(f"quality study: --reuse-checkpoints {args.reuse_checkpoints} is not a folder")
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # the steps' processes share the host's cores: without a cap each would start one thread per core
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     os.makedirs(args.out, exist_ok=True)
     calibration = os.path.join(args.out, "block_influence.json")
-    if any(STEPS[s][0] == "shortgpt" for s in steps) and not os.path.isfile(calibration):
+    if (any(STEPS[s][0] == "shortgpt" and STEPS[s][3] for s in steps) and not args.reuse_checkpoints
+            and not os.path.isfile(calibration)):
         _run([sys.executable, "-m", "ulskip.cli", "calibrate", args.model, "--data",
               os.path.join(args.data, "train.jsonl"), "--out", calibration, "--num-records", "512"],
              os.path.join(args.out, "calibrate.log"))
-    for s in steps:
-        run_step(s, args.model, args.data, args.out, train_args(args), eval_args(args), calibration)
+    targs, eargs = train_args(args), eval_args(args)
+    run_steps(steps, args.jobs, lambda s: run_step(s, args.model, args.data, args.out, targs, eargs, calibration,
+                                                   args.reuse_checkpoints))
 
 
 def _speed(paths):
@@ -216,10 +285,40 @@ def collect(dirs):
                 with open(s) as f:
                     st = json.load(f)
                 lang = os.path.basename(os.path.normpath(st["data"])).replace("data-", "")
+                cfg = ev["settings"]
+                # SkipDecode's depth falls with the position: its budget is the layers a decode step ran on average
+                mean = ev.get("decode_layers_per_step") if cfg.get("skipdecode") else None
                 rows.append({**st, "lang": lang, "bleu": ev["bleu"], "chrf": ev["chrf"], "perplexity": ev["perplexity"],
-                             "kept": len(ev["settings"]["kept_layers"]), "num_layers": ev["settings"]["num_layers"],
-                             "kept_layers": ev["settings"]["kept_layers"]})
+                             "kept": round(mean) if mean else len(cfg["kept_layers"]), "mean_kept": mean,
+                             "num_layers": cfg["num_layers"], "kept_layers": cfg["kept_layers"],
+                             "recipe": recipe_name(st.get("train_args")), "decode": decode_name(cfg)})
     return rows
+
+
+def _flag(argv, name, default=None):
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
+def recipe_name(train_args) -> str:
+    """A fine-tune's recipe in a few words (epochs, lr, batch), from the `ulskip train` flags of its step."""
+    if not train_args:
+        return "-"
+    batch = _flag(train_args, "--per-device-train-batch-size")
+    rows = f"{batch} packed rows" if "--packing" in train_args else f"{batch} records"
+    return f"{float(_flag(train_args, '--num-train-epochs')):g} ep, lr {float(_flag(train_args, '--learning-rate')):g}, {rows}"
+
+
+def decode_name(settings) -> str:
+    if settings.get("num_beams", 1) > 1 or settings.get("no_repeat_ngram_size", 0):
+        return f"beam {settings.get('num_beams', 1)}, no-repeat {settings.get('no_repeat_ngram_size', 0)}"
+    return "greedy"
+
+
+def main_recipe(rows) -> str:
+    """The recipe most fine-tuned rows of a language share: the plot draws those (other recipes would put a
+    second point at the same speedup on a policy's line)."""
+    counts = Counter(r["recipe"] for r in rows if r["fine_tuned"] and r["decode"] == "greedy")
+    return counts.most_common(1)[0][0] if counts else "-"
 
 
 def policy_name(r) -> str:
@@ -235,23 +334,27 @@ def cmd_report(args):
     rows = collect(args.dirs)
     speed = _speed(args.speed)
     lines = ["| lang | model | policy | s | kept | prefill | BLEU | chrF | ppl | % of FT BLEU | tok/s bs1 | tok/s bs16 "
-             "| decode speedup bs1 / bs16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| decode speedup bs1 / bs16 | recipe | decode |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lang in sorted({r["lang"] for r in rows}):
         rs = [r for r in rows if r["lang"] == lang]
-        ft = next((r for r in rs if r["name"] == "ft-full"), None)
+        main = main_recipe(rs)
+        # each row against the full fine-tune of its own recipe and decoding
+        fts = {(r["recipe"], r["decode"]): r for r in rs if r["name"] == "ft-full"}
         base1 = speed.get((rs[0]["num_layers"], 1)) if rs else None
         base16 = speed.get((rs[0]["num_layers"], 16)) if rs else None
-        for r in sorted(rs, key=lambda r: (not r["fine_tuned"], r["target_speedup"], r["strategy"], r["prefill"],
-                                           r["name"])):
+        for r in sorted(rs, key=lambda r: (not r["fine_tuned"], r["recipe"] != main, r["recipe"], r["decode"],
+                                           r["target_speedup"], r["strategy"], r["prefill"], r["name"])):
             s1, s16 = speed.get((r["kept"], 1)), speed.get((r["kept"], 16))
+            ft = fts.get((r["recipe"], r["decode"]))
             pct = f"{100 * r['bleu'] / ft['bleu']:.0f}%" if ft and ft["bleu"] > 0 and r["fine_tuned"] else "-"
             policy = policy_name(r)
+            kept = f"{r['mean_kept']:.1f}/{r['num_layers']} avg" if r["mean_kept"] else f"{r['kept']}/{r['num_layers']}"
             lines.append(f"| {lang} | {'fine-tuned' if r['fine_tuned'] else 'pretrained'} | {policy} | "
-                         f"{r['target_speedup']:g} | {r['kept']}/{r['num_layers']} | {r['prefill']} | {r['bleu']:.1f} | "
+                         f"{r['target_speedup']:g} | {kept} | {r['prefill']} | {r['bleu']:.1f} | "
                          f"{r['chrf']:.1f} | {r['perplexity']:.2f} | {pct} | "
                          f"{f'{s1[0]:.0f}' if s1 else '-'} | {f'{s16[0]:.0f}' if s16 else '-'} | "
                          f"{f'{base1[1] / s1[1]:.2f}x' if s1 and base1 else '-'} / "
-                         f"{f'{base16[1] / s16[1]:.2f}x' if s16 and base16 else '-'} |")
+                         f"{f'{base16[1] / s16[1]:.2f}x' if s16 and base16 else '-'} | {r['recipe']} | {r['decode']} |")
     table = "\n".join(lines)
     print(table)
     if args.md:
@@ -267,7 +370,9 @@ def cmd_report(args):
         labels = sorted({(policy_name(r), r["prefill"]) for r in rows if r["fine_tuned"]})
         colour = {label: f"C{i}" for i, label in enumerate(labels)}
         for ax, lang in zip(axes[0], langs):
-            rs = [r for r in rows if r["lang"] == lang and r["fine_tuned"]]
+            main = main_recipe([r for r in rows if r["lang"] == lang])
+            rs = [r for r in rows if r["lang"] == lang and r["fine_tuned"] and r["recipe"] == main
+                  and r["decode"] == "greedy"]
             base1 = speed.get((rs[0]["num_layers"], 1)) if rs else None
             for label in sorted({(policy_name(r), r["prefill"]) for r in rs}):
                 pts = sorted((r["target_speedup"], r["bleu"], r["kept"], r["prefill"]) for r in rs
@@ -279,7 +384,7 @@ def cmd_report(args):
                 ax.plot(xs, [b for _, b, _, _ in pts], marker="o", color=colour[label], label=f"{label[0]} ({label[1]})")
             ax.set_xlabel("realized decode speedup, batch 1")
             ax.set_ylabel("BLEU")
-            ax.set_title(f"en->{lang}, fine-tuned per policy")
+            ax.set_title(f"en->{lang}, fine-tuned per policy ({main}, greedy)", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -305,6 +410,9 @@ def main(argv=None):
     r.add_argument("--block-size", type=int, default=256,
                    help="longest record, or with --packing the row length, in tokens (default 256)")
     r.add_argument("--paper-decode", action="store_true", help="evaluate with 4 beams + no_repeat_ngram_size 3")
+    r.add_argument("--jobs", type=int, default=1, help="steps run at once on the one GPU (default 1)")
+    r.add_argument("--reuse-checkpoints", default=None, metavar="STUDY_DIR",
+                   help="evaluate the trained checkpoints of this earlier study instead of fine-tuning again")
     p = sub.add_parser("report", help="table and plot from study folders")
     p.add_argument("dirs", nargs="+")
     p.add_argument("--speed", nargs="*", help="`ulskip bench --json` files of the model (tok/s per kept layers)")

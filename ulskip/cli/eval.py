@@ -79,7 +79,8 @@ def run(args) -> int:
                 "target_speedup": args.target_speedup, "num_beams": args.num_beams,
                 "no_repeat_ngram_size": args.no_repeat_ngram_size, "repetition_penalty": args.repetition_penalty,
                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "device": str(eng.device),
-                "dtype": str(eng.dtype).replace("torch.", "")}
+                "dtype": str(eng.dtype).replace("torch.", ""),
+                "skipdecode": eng.skipdecode.as_dict() if eng.skipdecode is not None else None}
     ppl = f"{result['perplexity']:.3f}" if result["perplexity"] is not None else "-"
     tps = f"{result['tokens_per_s']:.1f}" if result["tokens_per_s"] else "-"
     print(f"{'records':>7}  {'kept':>7}  prefill  {'BLEU':>6}  {'chrF':>6}  {'ppl':>8}  {'tok/s':>8}")

@@ -98,6 +98,11 @@ def evaluate(engine, records: list[dict], batch_size: int = 16, max_new_tokens: 
     exs = tokenize(tok, records)
     eos = engine.eos_token_ids or None
     hyps, new_tokens, gen_s = [], 0, 0.0
+    # layers run per decode step, averaged over the steps each returned sequence took (the first generated
+    # token comes from the prompt pass): K for a static schedule, the realized mean for SkipDecode, whose depth
+    # falls with the response position, so short responses run deeper than its nominal budget
+    depth = [len(engine.step_layers(j)) for j in range(max_new_tokens)]
+    decode_layers, decode_steps = 0, 0
     nll, count = 0.0, 0
     batches = range(0, len(exs), batch_size)
     for s in tqdm(batches, desc="ulskip eval", unit="batch", disable=not progress, dynamic_ncols=True):
@@ -112,6 +117,9 @@ def evaluate(engine, records: list[dict], batch_size: int = 16, max_new_tokens: 
             torch.cuda.synchronize(engine.device)
         gen_s += time.perf_counter() - t0
         new_tokens += sum(len(q) for q in out.sequences)
+        for q in out.sequences:
+            decode_layers += sum(depth[:max(len(q) - 1, 0)])
+            decode_steps += max(len(q) - 1, 0)
         hyps += [tok.decode(q, skip_special_tokens=True).strip() for q in out.sequences]
         if perplexity:
             n, c = response_nll(engine, batch)
@@ -120,6 +128,7 @@ def evaluate(engine, records: list[dict], batch_size: int = 16, max_new_tokens: 
     result = corpus_scores(hyps, refs)
     result.update({"records": len(records), "new_tokens": new_tokens, "generate_s": gen_s,
                    "tokens_per_s": new_tokens / gen_s if gen_s > 0 else None,
+                   "decode_layers_per_step": decode_layers / decode_steps if decode_steps else None,
                    "perplexity": math.exp(nll / count) if perplexity else None,
                    "nll_per_token": nll / count if perplexity else None, "reference_tokens": count if perplexity else None,
                    "hypotheses": hyps})
