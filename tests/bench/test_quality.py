@@ -19,16 +19,18 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     write_jsonl(data / "test.jsonl", recs[:5])
     out = tmp_path / "study"
     argv = ["run", "--model", ckpt, "--data", str(data), "--out", str(out), "--steps",
-            "base-full,ft-full,ee2,sg2,uls2-kd", "--epochs", "1", "--batch-size", "8", "--no-bf16"]
+            "base-full,ft-full,ee2,sg2,uls2-kd,sd2", "--epochs", "1", "--batch-size", "8", "--no-bf16",
+            "--skipdecode-horizon", "4", "--jobs", "2"]
     quality.main(argv)
-    for step in ("base-full", "ft-full", "ee2", "sg2", "uls2-kd"):
+    for step in ("base-full", "ft-full", "ee2", "sg2", "uls2-kd", "sd2"):
         r = json.load(open(out / step / "eval.json"))
         assert r["records"] == 5 and r["perplexity"] > 1
     assert json.load(open(out / "ee2" / "eval.json"))["settings"]["kept_layers"] == [0, 1]
+    assert json.load(open(out / "sd2" / "eval.json"))["settings"]["skipdecode"]["horizon"] == 4
     assert os.path.isfile(out / "block_influence.json") and os.path.isdir(out / "ft-full" / "ckpt")
     capsys.readouterr()
     quality.main(argv)  # resumes: every step is done already
-    assert capsys.readouterr().out.count("done already") == 5
+    assert capsys.readouterr().out.count("done already") == 6
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"rows": [
         {"system": "ulskip", "status": "ok", "num_kept": k, "prefill": "full", "batch_size": b,
@@ -36,7 +38,7 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     md = tmp_path / "q.md"
     quality.main(["report", str(out), "--speed", str(bench), "--md", str(md), "--plot", str(tmp_path / "q.png")])
     table = md.read_text()
-    assert table.count("| xx |") == 5 and "paper + distillation" in table and "| early-exit | 2 | 2/4 | full |" in table and "2.00x / 2.00x" in table
+    assert table.count("| xx |") == 6 and "paper + distillation" in table and "| early-exit | 2 | 2/4 | full |" in table and "2.00x / 2.00x" in table
     assert os.path.getsize(tmp_path / "q.png") > 0
 
 
@@ -182,7 +184,9 @@ def test_report_names_recipe_and_decoding_and_skipdecode_budget(tmp_path, monkey
     monkeypatch.setattr(quality, "_run", _recording_run(calls))
     data = str(tmp_path / "data-xx")
     quality.main(["run", "--model", "m", "--data", data, "--out", str(tmp_path / "a"), "--no-bf16",
-                  "--steps", "ft-full,uls2-full,sd2"])
+                  "--steps", "ft-full,uls2-full,sd2", "--skipdecode-horizon", "18"])
+    sd_train = next(c for c in calls if c[3] == "train" and "skipdecode" in c)
+    assert sd_train[sd_train.index("--skipdecode-horizon") + 1] == "18"
     quality.main(["run", "--model", "m", "--data", data, "--out", str(tmp_path / "b"), "--no-bf16", "--lr", "4e-4",
                   "--epochs", "4", "--steps", "ft-full,uls2-full"])
     # the recorded eval gives BLEU 20 everywhere; make the 4-epoch full fine-tune 40, and sd2 a SkipDecode result

@@ -97,7 +97,10 @@ def variant_args(name: str, out: str) -> list[str]:
 
 def train_args(args) -> list[str]:
     """The one recipe every fine-tune of the study uses (the pilot's: lr 1e-4, batch 32, embeddings frozen)."""
-    return ((["--bf16", "--use-fused-kernels"] if args.bf16 else []) +
+    # SkipDecode's depth falls over this many response positions (`ulskip train --skipdecode-horizon`; only
+    # skipdecode steps read it): near the data's mean response length, its layers per step average to K
+    horizon = ["--skipdecode-horizon", str(args.skipdecode_horizon)] if args.skipdecode_horizon else []
+    return (horizon + (["--bf16", "--use-fused-kernels"] if args.bf16 else []) +
             ["--per-device-train-batch-size", str(args.batch_size), "--learning-rate", str(args.lr),
              "--num-train-epochs", str(args.epochs), "--lr-scheduler-type", "cosine", "--warmup-ratio", "0.03",
              "--save-steps", "1000000", "--logging-steps", "50", "--block-size", str(args.block_size), "--seed", "0"]
@@ -410,6 +413,8 @@ def main(argv=None):
     r.add_argument("--block-size", type=int, default=256,
                    help="longest record, or with --packing the row length, in tokens (default 256)")
     r.add_argument("--paper-decode", action="store_true", help="evaluate with 4 beams + no_repeat_ngram_size 3")
+    r.add_argument("--skipdecode-horizon", type=int, default=None,
+                   help="response positions over which SkipDecode's depth falls (default: ulskip train's, 64)")
     r.add_argument("--jobs", type=int, default=1, help="steps run at once on the one GPU (default 1)")
     r.add_argument("--reuse-checkpoints", default=None, metavar="STUDY_DIR",
                    help="evaluate the trained checkpoints of this earlier study instead of fine-tuning again")
