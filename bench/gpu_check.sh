@@ -17,7 +17,7 @@
 # spec7b = the cost of a self-speculative round on llama-2-7b (random weights; SPEC_ACCEPT=a specreal json
 # projects speedups at its acceptance), specreal = acceptance and speed on a real checkpoint (SPEC_CKPT,
 # SPEC_DATA = its test.jsonl; SPEC_KS = the draft lengths), study = quality-study steps (STUDY_MODEL, STUDY_DATA, STUDY_OUT, STUDY_STEPS,
-# STUDY_ARGS: see ulskip/bench/quality.py); deepspeed = the same `ulskip train` fine-tune plain, ZeRO-2 and
+# STUDY_ARGS: see ulskip/bench/quality.py; bench/quality_plan.sh runs a whole study detached, across several calls); deepspeed = the same `ulskip train` fine-tune plain, ZeRO-2 and
 # ZeRO-3 on one GPU (ulskip/bench/deepspeed_compare.py; ZERO_MODEL, ZERO_DATA = a train.jsonl, ZERO_ARGS; the
 # H200 lacks deepspeed: carry .whl3 (its wheels, built here) and .whl2 (pydantic), installed with --no-deps);
 # deepspeed2 = the same three runs on 2 GPUs (plain = DDP; nvidia-h200-x2, issue 15) after `deepspeed` in the
