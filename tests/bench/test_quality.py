@@ -204,7 +204,7 @@ def test_report_names_recipe_and_decoding_and_skipdecode_budget(tmp_path, monkey
                   "--plot", str(tmp_path / "q.png")])
     lines = md.read_text().splitlines()
     row = lambda *parts: next(ln for ln in lines if all(p in ln for p in parts))  # noqa: E731
-    assert "| 100% |" in row("| paper | 2 |", "2 ep, lr 0.0001") and "| 50% |" in row("| paper | 2 |", "4 ep, lr 0.0004")
+    assert "| 100% |" in row("| paper | 2 |", "2 ep, lr 1e-4") and "| 50% |" in row("| paper | 2 |", "4 ep, lr 4e-4")
     assert "| 3.6/6 avg |" in row("| skipdecode |") and "| 1.50x / 1.50x |" in row("| skipdecode |")
     assert all(ln.endswith("| greedy |") for ln in lines[2:])
     assert quality.recipe_name(None) == "-" and quality.decode_name({"num_beams": 4, "no_repeat_ngram_size": 3}) == \

@@ -308,7 +308,9 @@ def recipe_name(train_args) -> str:
         return "-"
     batch = _flag(train_args, "--per-device-train-batch-size")
     rows = f"{batch} packed rows" if "--packing" in train_args else f"{batch} records"
-    return f"{float(_flag(train_args, '--num-train-epochs')):g} ep, lr {float(_flag(train_args, '--learning-rate')):g}, {rows}"
+    mantissa, exponent = f"{float(_flag(train_args, '--learning-rate')):e}".split("e")
+    lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 2e-4, 1.5e-4
+    return f"{float(_flag(train_args, '--num-train-epochs')):g} ep, lr {lr}, {rows}"
 
 
 def decode_name(settings) -> str:
@@ -345,7 +347,7 @@ def cmd_report(args):
         fts = {(r["recipe"], r["decode"]): r for r in rs if r["name"] == "ft-full"}
         base1 = speed.get((rs[0]["num_layers"], 1)) if rs else None
         base16 = speed.get((rs[0]["num_layers"], 16)) if rs else None
-        for r in sorted(rs, key=lambda r: (not r["fine_tuned"], r["recipe"] != main, r["recipe"], r["decode"],
+        for r in sorted(rs, key=lambda r: (not r["fine_tuned"], r["recipe"] != main, r["recipe"], r["decode"] != "greedy", r["decode"],
                                            r["target_speedup"], r["strategy"], r["prefill"], r["name"])):
             s1, s16 = speed.get((r["kept"], 1)), speed.get((r["kept"], 16))
             ft = fts.get((r["recipe"], r["decode"]))
