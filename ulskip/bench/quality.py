@@ -103,7 +103,7 @@ def train_args(args) -> list[str]:
     return (horizon + (["--bf16", "--use-fused-kernels"] if args.bf16 else []) +
             ["--per-device-train-batch-size", str(args.batch_size), "--learning-rate", str(args.lr),
              "--num-train-epochs", str(args.epochs), "--lr-scheduler-type", "cosine", "--warmup-ratio", "0.03",
-             "--save-steps", "1000000", "--logging-steps", "50", "--block-size", str(args.block_size), "--seed", "0"]
+             "--save-strategy", "no", "--logging-steps", "50", "--block-size", str(args.block_size), "--seed", "0"]
             + (["--packing"] if args.packing else []))
 
 

@@ -111,6 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "deepspeed", default=None, help="DeepSpeed config json (needs `pip install deepspeed`; default: none)")
     flag(p, "save_steps", type=int, default=500,
          help="write a checkpoint-N every this many steps, >= 1 (default %(default)s)")
+    flag(p, "save_strategy", default="steps", choices=["steps", "no"],
+         help="steps: a checkpoint-N (model + optimizer, to resume from) every --save-steps and at the last "
+              "step, as transformers' Trainer does; no: none, only the final model (default %(default)s)")
     flag(p, "save_total_limit", type=int, default=None,
          help="keep at most this many checkpoint-* folders, >= 1 (default: keep all)")
     flag(p, "logging_steps", type=int, default=10, help="log the loss every this many steps, >= 1 "
