@@ -203,9 +203,24 @@ def test_report_names_recipe_and_decoding_and_skipdecode_budget(tmp_path, monkey
     quality.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--speed", str(bench), "--md", str(md),
                   "--plot", str(tmp_path / "q.png")])
     lines = md.read_text().splitlines()
-    row = lambda *parts: next(ln for ln in lines if all(p in ln for p in parts))  # noqa: E731
+    row = lambda *parts: row_of(md.read_text(), *parts)  # noqa: E731
     assert "| 100% |" in row("| paper | 2 |", "2 ep, lr 1e-4") and "| 50% |" in row("| paper | 2 |", "4 ep, lr 4e-4")
     assert "| 3.6/6 avg |" in row("| skipdecode |") and "| 1.50x / 1.50x |" in row("| skipdecode |")
     assert all(ln.endswith("| greedy |") for ln in lines[2:])
+    # a step run again in a later folder: its row is the later run's, and the earlier one is listed
+    import shutil
+    shutil.copytree(tmp_path / "a" / "uls2-full", tmp_path / "c" / "uls2-full")
+    ev = json.load(open(tmp_path / "c" / "uls2-full" / "eval.json"))
+    json.dump({**ev, "bleu": 25.0}, open(tmp_path / "c" / "uls2-full" / "eval.json", "w"))
+    quality.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--md", str(md)])
+    text = md.read_text()
+    assert "| 25.0 |" in row_of(text, "| paper | 2 |", "2 ep, lr 1e-4") and text.count("2 ep, lr 1e-4, 32 records | greedy |") == 3
+    assert f"xx uls2-full (2 ep, lr 1e-4, 32 records, greedy) BLEU 20.00 in {tmp_path / 'a'}, 25.00 in {tmp_path / 'c'}" in text
     assert quality.recipe_name(None) == "-" and quality.decode_name({"num_beams": 4, "no_repeat_ngram_size": 3}) == \
         "beam 4, no-repeat 3"
+
+
+def row_of(table: str, *parts: str) -> str:
+    """The one line of a report table that holds every part."""
+    (line,) = [ln for ln in table.splitlines() if all(p in ln for p in parts)]
+    return line

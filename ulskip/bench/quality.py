@@ -278,7 +278,9 @@ def _speed(paths):
 
 
 def collect(dirs):
-    rows = []
+    """One row per (language, step, recipe, decoding): where several folders hold the same one (a step run
+    again), the later folder's row stands and `repeats` lists every earlier one beside it."""
+    rows, repeats = {}, []
     for d in dirs:
         for name in sorted(os.listdir(d)):
             e, s = os.path.join(d, name, "eval.json"), os.path.join(d, name, "step.json")
@@ -291,11 +293,15 @@ def collect(dirs):
                 cfg = ev["settings"]
                 # SkipDecode's depth falls with the position: its budget is the layers a decode step ran on average
                 mean = ev.get("decode_layers_per_step") if cfg.get("skipdecode") else None
-                rows.append({**st, "lang": lang, "bleu": ev["bleu"], "chrf": ev["chrf"], "perplexity": ev["perplexity"],
-                             "kept": round(mean) if mean else len(cfg["kept_layers"]), "mean_kept": mean,
-                             "num_layers": cfg["num_layers"], "kept_layers": cfg["kept_layers"],
-                             "recipe": recipe_name(st.get("train_args")), "decode": decode_name(cfg)})
-    return rows
+                row = {**st, "lang": lang, "bleu": ev["bleu"], "chrf": ev["chrf"], "perplexity": ev["perplexity"],
+                       "kept": round(mean) if mean else len(cfg["kept_layers"]), "mean_kept": mean,
+                       "num_layers": cfg["num_layers"], "kept_layers": cfg["kept_layers"],
+                       "recipe": recipe_name(st.get("train_args")), "decode": decode_name(cfg), "dir": d}
+                key = (lang, name, row["recipe"], row["decode"])
+                if key in rows:
+                    repeats.append((rows[key], row))
+                rows[key] = row
+    return list(rows.values()), repeats
 
 
 def _flag(argv, name, default=None):
@@ -336,7 +342,7 @@ def policy_name(r) -> str:
 
 
 def cmd_report(args):
-    rows = collect(args.dirs)
+    rows, repeats = collect(args.dirs)
     speed = _speed(args.speed)
     lines = ["| lang | model | policy | s | kept | prefill | BLEU | chrF | ppl | % of FT BLEU | tok/s bs1 | tok/s bs16 "
              "| decode speedup bs1 / bs16 | recipe | decode |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -360,6 +366,10 @@ def cmd_report(args):
                          f"{f'{s1[0]:.0f}' if s1 else '-'} | {f'{s16[0]:.0f}' if s16 else '-'} | "
                          f"{f'{base1[1] / s1[1]:.2f}x' if s1 and base1 else '-'} / "
                          f"{f'{base16[1] / s16[1]:.2f}x' if s16 and base16 else '-'} | {r['recipe']} | {r['decode']} |")
+    if repeats:
+        lines += ["", "Steps run more than once (the later run is the row above): " + "; ".join(
+            f"{a['lang']} {a['name']} ({a['recipe']}, {a['decode']}) BLEU {a['bleu']:.2f} in {a['dir']}, "
+            f"{b['bleu']:.2f} in {b['dir']}" for a, b in repeats) + "."]
     table = "\n".join(lines)
     print(table)
     if args.md:
