@@ -341,6 +341,35 @@ def policy_name(r) -> str:
     return r["strategy"] + VARIANT_NAMES.get(r["name"].rsplit("-", 1)[-1], "")
 
 
+def pivot_lines(rows) -> list[str]:
+    """The paper's Table 4 view of each language's main recipe (greedy): a row per policy, a column per
+    target speedup, BLEU / chrF in each cell, the best BLEU of a column in bold."""
+    out = []
+    for lang in sorted({r["lang"] for r in rows}):
+        rs = [r for r in rows if r["lang"] == lang]
+        main = main_recipe(rs)
+        sel = [r for r in rs if r["fine_tuned"] and r["recipe"] == main and r["decode"] == "greedy"
+               and r["target_speedup"] > 1]
+        if not sel:
+            continue
+        speeds = sorted({r["target_speedup"] for r in sel})
+        ft = next((r for r in rs if r["name"] == "ft-full" and r["recipe"] == main and r["decode"] == "greedy"), None)
+        cell = {(policy_name(r), r["prefill"], r["target_speedup"]): r for r in sel}
+        best = {s: max(r["bleu"] for r in sel if r["target_speedup"] == s) for s in speeds}
+        ref = f"; full fine-tune {ft['bleu']:.1f} / {ft['chrf']:.1f}" if ft else ""
+        out += ["", f"en->{lang}, BLEU / chrF ({main}, greedy{ref}):", "",
+                "| policy (prefill) | " + " | ".join(f"{s:g}x ({int(sel[0]['num_layers'] // s)} kept)" for s in speeds) + " |",
+                "|---|" + "---|" * len(speeds)]
+        for policy, prefill in sorted({(p, f) for p, f, _ in cell}):
+            cells = []
+            for s in speeds:
+                r = cell.get((policy, prefill, s))
+                b = f"**{r['bleu']:.1f}**" if r and r["bleu"] == best[s] else f"{r['bleu']:.1f}" if r else ""
+                cells.append(f"{b} / {r['chrf']:.1f}" if r else "-")
+            out.append(f"| {policy} ({prefill}) | " + " | ".join(cells) + " |")
+    return out
+
+
 def cmd_report(args):
     rows, repeats = collect(args.dirs)
     speed = _speed(args.speed)
@@ -366,6 +395,7 @@ def cmd_report(args):
                          f"{f'{s1[0]:.0f}' if s1 else '-'} | {f'{s16[0]:.0f}' if s16 else '-'} | "
                          f"{f'{base1[1] / s1[1]:.2f}x' if s1 and base1 else '-'} / "
                          f"{f'{base16[1] / s16[1]:.2f}x' if s16 and base16 else '-'} | {r['recipe']} | {r['decode']} |")
+    lines += pivot_lines(rows)
     if repeats:
         lines += ["", "Steps run more than once (the later run is the row above): " + "; ".join(
             f"{a['lang']} {a['name']} ({a['recipe']}, {a['decode']}) BLEU {a['bleu']:.2f} in {a['dir']}, "
@@ -380,10 +410,11 @@ def cmd_report(args):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         langs = sorted({r["lang"] for r in rows})
-        fig, axes = plt.subplots(1, max(1, len(langs)), figsize=(6 * max(1, len(langs)), 4.5), squeeze=False)
-        # one colour per (policy, prefill) across the panels
+        fig, axes = plt.subplots(1, max(1, len(langs)), figsize=(6 * max(1, len(langs)), 6.5), squeeze=False)
+        # one colour and marker per (policy, prefill) across the panels (more lines than one cycle of colours)
         labels = sorted({(policy_name(r), r["prefill"]) for r in rows if r["fine_tuned"]})
-        colour = {label: f"C{i}" for i, label in enumerate(labels)}
+        colour = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
+        marker = {label: "os^Dv<>PX*"[i % 10] for i, label in enumerate(labels)}
         for ax, lang in zip(axes[0], langs):
             main = main_recipe([r for r in rows if r["lang"] == lang])
             rs = [r for r in rows if r["lang"] == lang and r["fine_tuned"] and r["recipe"] == main
@@ -396,12 +427,13 @@ def cmd_report(args):
                 for s, _, kept, prefill in pts:
                     sp = speed.get((kept, 1))
                     xs.append(base1[1] / sp[1] if sp and base1 else s)
-                ax.plot(xs, [b for _, b, _, _ in pts], marker="o", color=colour[label], label=f"{label[0]} ({label[1]})")
+                ax.plot(xs, [b for _, b, _, _ in pts], marker=marker[label], color=colour[label],
+                        label=f"{label[0]} ({label[1]})")
             ax.set_xlabel("realized decode speedup, batch 1")
             ax.set_ylabel("BLEU")
             ax.set_title(f"en->{lang}, fine-tuned per policy ({main}, greedy)", fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: no line hidden
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"wrote {args.plot}")
