@@ -89,8 +89,12 @@ def test_multi_speedup_steps_train_once_and_report(tmp_path, monkeypatch, capsys
     assert [c[3] for c in calls] == ["eval"] and capsys.readouterr().out.count("done already") == 3
     md = tmp_path / "q.md"
     quality.main(["report", str(out), "--md", str(md)])
-    rows = [ln for ln in md.read_text().splitlines() if "multi" in ln]
+    rows = [ln for ln in md.read_text().splitlines() if "multi" in ln and ln.startswith("| xx |")]
     assert len(rows) == 3 and all("| paper (multi 1,2,3) |" in r for r in rows)
+    # the Table 4 view: one line per policy, a column per speedup (equal best BLEUs are both bold)
+    assert "| policy (prefill) | 2x (3 kept) | 3x (2 kept) |" in md.read_text()
+    assert row_of(md.read_text(), "| paper (multi 1,2,3) (full) |").endswith("| **20.0** / 30.0 | **30.0** / 30.0 |")
+    assert row_of(md.read_text(), "| paper + random draft boundary (full) |").endswith("| **20.0** / 30.0 | - |")
     assert "| 2 | 3/6 | full | 20.0 |" in rows[1] and "| paper + random draft boundary | 2 |" in md.read_text()
     assert quality.multi_set("multi123-s2") == "multi123" and quality.multi_set("uls2-skip") is None
 
