@@ -26,7 +26,7 @@ start() {
 
 plan() {
   cd "$(dirname "$0")/.."
-  export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1  # up to 8 processes share 16 cores
+  export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1  # up to 10 processes share 16 cores
   t0=$SECONDS
   say() { echo "[$(date -u +%T) +$((SECONDS - t0)) s] $*"; }
   bash bench/gpu_build.sh > "$ROOT/build.log" 2>&1 || { say "build failed"; tail -20 "$ROOT/build.log"; exit 1; }
@@ -79,12 +79,12 @@ plan() {
 }
 
 collect() {
-  local wait_s=${1:-0} t0=$SECONDS
+  local wait_s=${1:-0} t0=$SECONDS out
   while [ ! -f "$ROOT/DONE" ] && [ $((SECONDS - t0)) -lt "$wait_s" ]; do sleep 5; done
-  mkdir -p "${OUT:-out}"
+  out=$(mkdir -p "${OUT:-out}" && cd "${OUT:-out}" && pwd)
   # every result, log and settings file; not the checkpoints
   (cd "$ROOT" && find . -name ckpt -prune -o -type f \( -name '*.json' -o -name '*.log' \) -print \
-     | tar -czf "${OUT:-out}/study.tgz" -T -)
+     | tar -czf "$out/study.tgz" -T -)
   echo "== plan.log"; cat "$ROOT/plan.log"
   echo "== steps done"; grep -h -E "BLEU|failed|not started" "$ROOT"/A.log "$ROOT"/B*.log 2>/dev/null
   echo "== running"; ps -eo etimes,args | grep -E "ulskip.cli (train|eval)" | grep -v grep \

@@ -148,6 +148,10 @@ def test_steps_run_at_once_after_what_they_need():
     assert order.index(("end", "ft-full")) < order.index(("start", "uls2-kd"))
     assert order.index(("end", "multi12-s2")) < order.index(("start", "multi12-s1"))
 
+    order.clear()  # one at a time, the steps still run after what they need, whatever the list's order
+    quality.run_steps(["uls2-kd", "ft-full"], 1, lambda step: order.append(step))
+    assert order == ["ft-full", "uls2-kd"]
+
     def failing(step):
         if step == "ft-full":
             raise SystemExit("quality study: ft-full failed")
@@ -171,6 +175,9 @@ def test_reuse_checkpoints_evaluates_another_studys_fine_tunes(tmp_path, monkeyp
     step = json.load(open(again / "uls2-full" / "step.json"))
     assert step["reused_from"] == str(first / "uls2-full" / "ckpt")
     assert step["train_args"][step["train_args"].index("--learning-rate") + 1] == "0.0003"
+    with pytest.raises(SystemExit, match=r"uls2-full was fine-tuned on .*data-xx, not --data .*data-yy"):
+        quality.main(["run", "--model", "m", "--data", str(tmp_path / "data-yy"), "--no-bf16", "--steps", "uls2-full",
+                      "--out", str(tmp_path / "y"), "--reuse-checkpoints", str(first)])
     with pytest.raises(SystemExit, match="has no trained ee2"):
         quality.main(base[:-1] + ["ee2", "--out", str(tmp_path / "x"), "--reuse-checkpoints", str(first)])
     with pytest.raises(SystemExit, match="--jobs must be at least 1, got 0"):

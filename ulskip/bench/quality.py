@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -75,6 +76,9 @@ def multi_set(name: str):
     """The several-speedups set a step evaluates (its name's prefix in MULTI), else None."""
     head = name.rsplit("-s", 1)[0]
     return head if head in MULTI and name != head else None
+
+
+_SET_LOCKS: dict[str, threading.Lock] = {}  # --jobs: one training of a several-speedups set at a time
 
 
 def variant_args(name: str, out: str) -> list[str]:
@@ -143,8 +147,6 @@ def run_step(name, model, data, out, train_args, eval_args, calibration, reuse=N
             "data": data, "train_args": train_args if trained else None,
             "eval_args": eval_args, "multi": list(MULTI[multi]) if multi else None}
     ckpt, train_s = model, None
-    if multi and reuse:
-        raise SystemExit(f"quality study: --reuse-checkpoints does not take several-speedups steps ({name})")
     if multi:
         # trained once for the whole set (the first of its steps to run does it); each step evaluates it at
         # its own speedup, the explicit --target-speedup overriding the checkpoint's default schedule
@@ -152,14 +154,15 @@ def run_step(name, model, data, out, train_args, eval_args, calibration, reuse=N
         ckpt = os.path.join(shared, "ckpt")
         os.makedirs(shared, exist_ok=True)
         info = os.path.join(shared, "train.json")
-        if not os.path.isfile(os.path.join(ckpt, "config.json")):
-            again = ["--overwrite-output-dir"] if os.path.isdir(ckpt) and os.listdir(ckpt) else []
-            speeds = ",".join(str(x) for x in MULTI[multi])
-            t = _run(cli + ["train", "--model-name-or-path", model, "--train-file", os.path.join(data, "train.jsonl"),
-                            "--output-dir", ckpt, "--target-speedups", speeds, "--prefill", prefill, *policy,
-                            *train_args, *again, *step["variant"]], os.path.join(shared, "train.log"))
-            with open(info, "w") as f:
-                json.dump({"train_s": t, "target_speedups": list(MULTI[multi])}, f)
+        with _SET_LOCKS.setdefault(shared, threading.Lock()):
+            if not os.path.isfile(os.path.join(ckpt, "config.json")):
+                again = ["--overwrite-output-dir"] if os.path.isdir(ckpt) and os.listdir(ckpt) else []
+                speeds = ",".join(str(x) for x in MULTI[multi])
+                t = _run(cli + ["train", "--model-name-or-path", model, "--train-file", os.path.join(data, "train.jsonl"),
+                                "--output-dir", ckpt, "--target-speedups", speeds, "--prefill", prefill, *policy,
+                                *train_args, *again, *step["variant"]], os.path.join(shared, "train.log"))
+                with open(info, "w") as f:
+                    json.dump({"train_s": t, "target_speedups": list(MULTI[multi])}, f)
         if os.path.isfile(info):
             with open(info) as f:
                 train_s = json.load(f)["train_s"]
@@ -167,14 +170,12 @@ def run_step(name, model, data, out, train_args, eval_args, calibration, reuse=N
     elif trained:
         ckpt = os.path.join(d, "ckpt")
         if reuse:
-            # another study's checkpoint of this step (same recipe), evaluated here with this run's eval flags
+            # another study's checkpoint of this step (cmd_run checked it is there), evaluated with this run's
+            # eval flags
             ckpt = os.path.join(reuse, name, "ckpt")
-            if not os.path.isfile(os.path.join(ckpt, "config.json")):
-                raise SystemExit(f"quality study: --reuse-checkpoints {reuse} has no trained {name} "
-                                 f"({ckpt}/config.json is missing)")
             with open(os.path.join(reuse, name, "step.json")) as f:
                 done = json.load(f)
-            step.update(train_args=done["train_args"], variant=done["variant"], reused_from=ckpt)
+            step.update(train_args=done["train_args"], variant=done.get("variant", []), reused_from=ckpt)
         elif not os.path.isfile(os.path.join(ckpt, "config.json")):
             # a run stopped by a time limit left a folder without the final model: train it again from scratch
             again = ["--overwrite-output-dir"] if os.path.isdir(ckpt) and os.listdir(ckpt) else []
@@ -212,10 +213,6 @@ def step_needs(name: str, steps: list[str]) -> list[str]:
 def run_steps(steps: list[str], jobs: int, run_one) -> None:
     """run_one(step) for every step, up to `jobs` at once, each after the steps it needs. After a failure no
     new step starts; the running ones finish, then every failure is reported."""
-    if jobs == 1:
-        for s in steps:
-            run_one(s)
-        return
     pending, running, done, failed = list(steps), {}, set(), {}
     with ThreadPoolExecutor(jobs) as pool:
         while pending or running:
@@ -233,6 +230,8 @@ def run_steps(steps: list[str], jobs: int, run_one) -> None:
                     done.add(s)
                 except SystemExit as e:
                     failed[s] = str(e)
+                except Exception as e:  # noqa: BLE001  (a step's own error: reported with the others)
+                    failed[s] = f"quality study: step {s} failed: {type(e).__name__}: {e}"
     if failed:
         raise SystemExit("\n".join(failed.values()) + (f"\nquality study: not started: {', '.join(pending)}"
                                                         if pending else ""))
@@ -243,12 +242,33 @@ def cmd_run(args):
     bad = [s for s in steps if s not in STEPS]
     if bad:
         raise SystemExit(f"quality study: unknown steps {bad}; known: {', '.join(STEPS)}")
+    if not steps:
+        raise SystemExit(f"quality study: --steps {args.steps!r} names no step; known: {', '.join(STEPS)}")
     if len(set(steps)) != len(steps):
         raise SystemExit(f"quality study: a step is named twice in --steps {args.steps}")
     if args.jobs < 1:
         raise SystemExit(f"quality study: --jobs must be at least 1, got {args.jobs}")
     if args.reuse_checkpoints and not os.path.isdir(args.reuse_checkpoints):
         raise SystemExit(f"quality study: --reuse-checkpoints {args.reuse_checkpoints} is not a folder")
+    if args.skipdecode_horizon is not None and args.skipdecode_horizon < 2:
+        raise SystemExit(f"quality study: --skipdecode-horizon must be an integer >= 2 (default: ulskip train's, "
+                         f"64), got {args.skipdecode_horizon}")
+    for s in steps if args.reuse_checkpoints else []:  # before any step runs: every reused one is there
+        if multi_set(s):
+            raise SystemExit(f"quality study: --reuse-checkpoints does not take several-speedups steps ({s})")
+        need = [os.path.join(args.reuse_checkpoints, s, f) for f in ("ckpt/config.json", "step.json")]
+        missing = [f for f in need if not os.path.isfile(f)]
+        if not STEPS[s][3] or os.path.isfile(os.path.join(args.out, s, "eval.json")):
+            continue
+        if missing:
+            raise SystemExit(f"quality study: --reuse-checkpoints {args.reuse_checkpoints} has no trained {s} "
+                             f"({', '.join(missing)} missing)")
+        with open(need[1]) as f:
+            trained_on = json.load(f).get("data")
+        if trained_on and os.path.abspath(trained_on) != os.path.abspath(args.data):
+            # the report names a row's language after its data folder: a mismatch would mislabel it
+            raise SystemExit(f"quality study: --reuse-checkpoints {args.reuse_checkpoints}: {s} was fine-tuned on "
+                             f"{trained_on}, not --data {args.data}")
     if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         # the steps' processes share the host's cores: without a cap each would start one thread per core
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
@@ -371,7 +391,13 @@ def pivot_lines(rows) -> list[str]:
 
 
 def cmd_report(args):
+    not_dirs = [d for d in args.dirs if not os.path.isdir(d)]
+    if not_dirs:
+        raise SystemExit(f"quality study: report takes study folders; not a folder: {', '.join(not_dirs)}")
     rows, repeats = collect(args.dirs)
+    if not rows:
+        raise SystemExit(f"quality study: no results in {', '.join(args.dirs)} (a step's <step>/eval.json "
+                         "and step.json; give the study folder itself, e.g. STUDY/fr)")
     speed = _speed(args.speed)
     lines = ["| lang | model | policy | s | kept | prefill | BLEU | chrF | ppl | % of FT BLEU | tok/s bs1 | tok/s bs16 "
              "| decode speedup bs1 / bs16 | recipe | decode |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
