@@ -112,3 +112,11 @@ def test_report_refuses_what_holds_no_results(tmp_path):
     with pytest.raises(SystemExit, match=f"not a folder: {tmp_path / 'nowhere'}, {tmp_path / 'file'}$"):
         quality.main(["report", str(tmp_path / "nowhere"), str(tmp_path / "file")])
     assert not md.exists() and not (tmp_path / "q.png").exists()
+
+
+def test_report_refuses_a_missing_speed_file(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(quality, "_run", _recorder(calls))
+    quality.main(_base(tmp_path, "ee2") + ["--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit, match=r"report --speed: no such file: .*nope.json"):
+        quality.main(["report", str(tmp_path / "s"), "--speed", str(tmp_path / "nope.json")])

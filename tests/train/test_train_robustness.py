@@ -165,6 +165,17 @@ def test_bad_number_refused(ckpt, data, tmp_path, capsys, flag, value, allowed):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra", [["--save-steps", "10"], ["--save-total-limit", "2"]])
+def test_checkpoint_flags_refused_without_checkpoints(ckpt, data, tmp_path, capsys, extra):
+    """--save-strategy no writes no checkpoint-N: a --save-steps or --save-total-limit beside it would be
+    ignored silently, so it is refused."""
+    out = tmp_path / "out"
+    assert train(ckpt, data, out, "--save-strategy", "no", *extra) == 2
+    assert error_line(capsys) == (f"ulskip train: {extra[0]} {extra[1]} has no effect with --save-strategy no, "
+                                  "which writes no checkpoint-N: give one of the two")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag,value,culprit", [("--dataloader-num-workers", "-1", "num_workers"),
                                                 ("--learning-rate", "nan", "learning rate")])
 def test_trainer_errors_that_slip_through_are_one_line(ckpt, data, tmp_path, capsys, monkeypatch, flag, value,

@@ -289,6 +289,9 @@ def _speed(paths):
     a decode step runs the kept layers whatever the prefill mode, so its time depends on K alone; tok/s
     includes the prompt pass of the full mode)."""
     out = {}
+    missing = [p for p in paths or [] if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"quality study: report --speed: no such file: {', '.join(missing)} (`ulskip bench --json`)")
     for p in paths or []:
         with open(p) as f:
             for r in json.load(f)["rows"]:

@@ -109,8 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "torch_dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
          help="dtype the weights are loaded and trained in (default %(default)s: float32 master weights)")
     flag(p, "deepspeed", default=None, help="DeepSpeed config json (needs `pip install deepspeed`; default: none)")
-    flag(p, "save_steps", type=int, default=500,
-         help="write a checkpoint-N every this many steps, >= 1 (default %(default)s)")
+    flag(p, "save_steps", type=int, default=None,
+         help="write a checkpoint-N every this many steps, >= 1 (default 500)")
     flag(p, "save_strategy", default="steps", choices=["steps", "no"],
          help="steps: a checkpoint-N (model + optimizer, to resume from) every --save-steps and at the last "
               "step, as transformers' Trainer does; no: none, only the final model (default %(default)s)")

@@ -95,7 +95,12 @@ def check_args(args) -> None:
     for name, default in (("block_size", 1024), ("per_device_train_batch_size", 1),
                           ("gradient_accumulation_steps", 1), ("save_steps", 500), ("logging_steps", 10)):
         v = getattr(args, name)
-        _need(v >= 1, name.replace("_", "-"), v, f"an integer >= 1 (default {default})")
+        _need(v is None or v >= 1, name.replace("_", "-"), v, f"an integer >= 1 (default {default})")
+    if getattr(args, "save_strategy", "steps") == "no":
+        for name in ("save_steps", "save_total_limit"):
+            if getattr(args, name) is not None:
+                raise TrainError(f"--{name.replace('_', '-')} {getattr(args, name)} has no effect with --save-strategy "
+                                 "no, which writes no checkpoint-N: give one of the two")
     if args.save_total_limit is not None:
         _need(args.save_total_limit >= 1, "save-total-limit", args.save_total_limit,
               "an integer >= 1 (default: keep every checkpoint)")

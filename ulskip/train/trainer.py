@@ -33,7 +33,7 @@ def training_args(args):
               num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
               lr_scheduler_type=args.lr_scheduler_type, weight_decay=args.weight_decay, bf16=args.bf16,
               fp16=args.fp16, deepspeed=args.deepspeed, save_strategy=getattr(args, "save_strategy", "steps"),
-              save_steps=args.save_steps,
+              save_steps=500 if args.save_steps is None else args.save_steps,
               save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, seed=args.seed,
               report_to="none", remove_unused_columns=False, ddp_find_unused_parameters=unused,
               gradient_checkpointing=args.gradient_checkpointing,
