@@ -355,6 +355,13 @@ def main_recipe(rows) -> str:
     return counts.most_common(1)[0][0] if counts else "-"
 
 
+def main_rows(rows, lang) -> tuple[str, list[dict]]:
+    """A language's main recipe and its fine-tuned greedy rows: what the Table 4 view and the plot show."""
+    rs = [r for r in rows if r["lang"] == lang]
+    main = main_recipe(rs)
+    return main, [r for r in rs if r["fine_tuned"] and r["recipe"] == main and r["decode"] == "greedy"]
+
+
 def policy_name(r) -> str:
     """The report's policy column: the layer policy, a recipe variant, or the set of a several-speedups run."""
     if r.get("multi"):
@@ -369,14 +376,12 @@ def pivot_lines(rows) -> list[str]:
     target speedup, BLEU / chrF in each cell, the best BLEU of a column in bold."""
     out = []
     for lang in sorted({r["lang"] for r in rows}):
-        rs = [r for r in rows if r["lang"] == lang]
-        main = main_recipe(rs)
-        sel = [r for r in rs if r["fine_tuned"] and r["recipe"] == main and r["decode"] == "greedy"
-               and r["target_speedup"] > 1]
+        main, rs = main_rows(rows, lang)
+        sel = [r for r in rs if r["target_speedup"] > 1]
         if not sel:
             continue
         speeds = sorted({r["target_speedup"] for r in sel})
-        ft = next((r for r in rs if r["name"] == "ft-full" and r["recipe"] == main and r["decode"] == "greedy"), None)
+        ft = next((r for r in rs if r["name"] == "ft-full"), None)
         cell = {(policy_name(r), r["prefill"], r["target_speedup"]): r for r in sel}
         best = {s: max(r["bleu"] for r in sel if r["target_speedup"] == s) for s in speeds}
         ref = f"; full fine-tune {ft['bleu']:.1f} / {ft['chrf']:.1f}" if ft else ""
@@ -445,9 +450,7 @@ def cmd_report(args):
         colour = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
         marker = {label: "os^Dv<>PX*"[i % 10] for i, label in enumerate(labels)}
         for ax, lang in zip(axes[0], langs):
-            main = main_recipe([r for r in rows if r["lang"] == lang])
-            rs = [r for r in rows if r["lang"] == lang and r["fine_tuned"] and r["recipe"] == main
-                  and r["decode"] == "greedy"]
+            main, rs = main_rows(rows, lang)
             base1 = speed.get((rs[0]["num_layers"], 1)) if rs else None
             for label in sorted({(policy_name(r), r["prefill"]) for r in rs}):
                 pts = sorted((r["target_speedup"], r["bleu"], r["kept"], r["prefill"]) for r in rs
